@@ -27,3 +27,17 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A real Mosquitto on a free loopback port (skipped only when it cannot be installed)."""
     with mosquitto_broker(tmp_path) as running:
         yield running
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+async def any_broker(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[str, int]]:
+    """(host, port) of each broker in turn: the same test runs against amqtt and Mosquitto."""
+    if request.param == "embedded":
+        async with embedded_broker() as running:
+            listener = running.listener("mqtt")
+            yield listener.host, listener.port
+    else:
+        with mosquitto_broker(tmp_path) as external:
+            yield external.host, external.port

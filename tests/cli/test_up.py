@@ -1,0 +1,148 @@
+"""`meshchat up` as a user runs it: it prints where it listens, serves clients, stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.brokers import MOSQUITTO_MISSING
+from tests.cli.running import UpProcess, read_line_matching
+from tests.mqtt import unique_topic
+
+
+@pytest.fixture
+def running_up(tmp_path: Path) -> Iterator[tuple[UpProcess, dict[str, str], Path]]:
+    data = tmp_path / "data"
+    up = UpProcess(["--port", "0", "--ws-port", "0", "--data", str(data)])
+    try:
+        urls = up.wait_ready()
+        yield up, urls, data
+    finally:
+        up.kill()
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_up_prints_listeners_and_the_anonymous_warning(
+    running_up: tuple[UpProcess, dict[str, str], Path],
+) -> None:
+    up, urls, data = running_up
+    assert set(urls) == {"mqtt", "ws"}
+    assert any("warning: no authentication yet" in line for line in up.stdout_lines)
+    assert any(str(data) in line for line in up.stdout_lines)
+    runtime = json.loads((data / "up.json").read_text())
+    assert runtime["listeners"] == [urls["mqtt"], urls["ws"]]
+    assert runtime["pid"] == up.process.pid
+
+
+def test_mosquitto_clients_exchange_a_message_through_up(
+    running_up: tuple[UpProcess, dict[str, str], Path],
+) -> None:
+    sub_bin, pub_bin = shutil.which("mosquitto_sub"), shutil.which("mosquitto_pub")
+    if sub_bin is None or pub_bin is None:
+        pytest.skip(MOSQUITTO_MISSING)
+    _, urls, _ = running_up
+    port = str(_port(urls["mqtt"]))
+    topic = unique_topic("mc/demo")
+    # stdbuf: mosquitto_sub's stdio is block-buffered on a pipe; we need its SUBACK line at once.
+    subscriber = subprocess.Popen(
+        [
+            "stdbuf",
+            "-oL",
+            sub_bin,
+            "-d",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-t",
+            topic,
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        read_line_matching(subscriber.stdout, "SUBACK")
+        subprocess.run(
+            [pub_bin, "-h", "127.0.0.1", "-p", port, "-t", topic, "-q", "1", "-m", "shift starts"],
+            check=True,
+            timeout=20,
+        )
+        received, _ = read_line_matching(subscriber.stdout, "shift starts")
+        assert received.strip() == "shift starts"
+        assert subscriber.wait(timeout=20) == 0
+    finally:
+        if subscriber.poll() is None:
+            subscriber.kill()
+        subscriber.communicate()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_up_stops_cleanly_on_signal(
+    running_up: tuple[UpProcess, dict[str, str], Path], signum: int
+) -> None:
+    up, urls, data = running_up
+    code, out, err = up.stop(signum)
+    assert code == 0
+    assert "Traceback" not in err
+    assert err == ""
+    assert out.strip().splitlines()[-1] == "stopped."
+    assert not (data / "up.json").exists()
+    with socket.socket() as probe:  # the port is free again
+        probe.bind(("127.0.0.1", _port(urls["mqtt"])))
+
+
+def test_taken_port_exits_with_one_clear_line(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = int(taken.getsockname()[1])
+        up = UpProcess(["--port", str(port), "--data", str(tmp_path / "data")])
+        code, out, err = up.finish()
+    assert code == 1
+    assert err.strip() == (
+        f"error: cannot listen for mqtt on 127.0.0.1:{port}: the address is already in use"
+    )
+    assert "Traceback" not in out
+
+
+def test_unusable_data_directory_exits_with_one_clear_line(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    code, _, err = UpProcess(["--port", "0", "--data", str(not_a_dir)]).finish()
+    assert code == 1
+    assert err.strip() == f"error: data directory {not_a_dir} exists and is not a directory"
+
+
+def test_second_up_on_the_same_data_directory_is_refused(
+    running_up: tuple[UpProcess, dict[str, str], Path],
+) -> None:
+    first, _, data = running_up
+    code, _, err = UpProcess(["--port", "0", "--data", str(data)]).finish()
+    assert code == 1
+    assert err.strip() == (
+        f"error: data directory {data} is in use by another meshchat process "
+        f"(pid {first.process.pid})"
+    )
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    code, _, err = UpProcess(["--tls-cert", str(cert), "--data", str(tmp_path)]).finish()
+    assert code == 2
+    assert "--tls-cert and --tls-key go together" in err
