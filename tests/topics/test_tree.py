@@ -23,7 +23,7 @@ from meshchat.topics import (
     parse_topic,
 )
 
-OWNTRACKS_SAMPLES = Path(__file__).parents[3] / "shared" / "testdata" / "owntracks" / "samples.json"
+OWNTRACKS_SAMPLES = Path(__file__).parents[1] / "testdata" / "owntracks" / "samples.json"
 
 NAME = st.from_regex(r"\A[a-z0-9][a-z0-9-]{0,31}\Z")
 TOPICS: st.SearchStrategy[Topic] = st.one_of(
