@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -10,9 +14,25 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from meshchat.datadir import DEFAULT_DATA_DIR, ENV_VAR
+from meshchat.datadir import DEFAULT_DATA_DIR, ENV_VAR, DataDir
+from meshchat.directory import DIRECTORY_FILE, Directory
+from meshchat.errors import MeshchatError
 
-__all__ = ["DataOption", "VerboseOption", "console", "err_console", "fail", "setup_logging"]
+__all__ = [
+    "AsOption",
+    "DataOption",
+    "JsonOption",
+    "PasswordStdinOption",
+    "VerboseOption",
+    "actor_of",
+    "console",
+    "emit_json",
+    "err_console",
+    "fail",
+    "open_directory",
+    "read_password",
+    "setup_logging",
+]
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -48,3 +68,54 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print one clear error line and exit with `code`."""
     err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+AsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--as",
+        envvar="MESHCHAT_AS",
+        help="Act as this user (default: the admin `org init` created).",
+    ),
+]
+PasswordStdinOption = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+]
+
+
+def emit_json(value: object) -> None:
+    """Print `value` as JSON on stdout, for scripts."""
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_password(*, from_stdin: bool, confirm: bool = True) -> str:
+    """A password from stdin's first line, or typed twice at a terminal prompt."""
+    if from_stdin:
+        line = sys.stdin.readline().rstrip("\r\n")
+        if not line:
+            fail("--password-stdin: stdin held no password", code=2)
+        return line
+    if not sys.stdin.isatty():
+        fail("no terminal to ask for a password: pass it with --password-stdin", code=2)
+    password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+    return password
+
+
+@contextlib.contextmanager
+def open_directory(data: Path, *, create: bool = False) -> Iterator[Directory]:
+    """The directory of a data directory; every meshchat error becomes one `error:` line."""
+    directory_file = data / DIRECTORY_FILE
+    if not create and not directory_file.exists():
+        fail(f"no directory in {data.absolute()}: run `meshchat org init --org NAME` first")
+    try:
+        DataDir(data).ensure()
+        with Directory(directory_file) as directory:
+            yield directory
+    except (MeshchatError, ValueError) as exc:
+        fail(str(exc))
+
+
+def actor_of(directory: Directory, as_user: str | None) -> str:
+    """The user an admin command acts as."""
+    return as_user or directory.default_actor()

@@ -7,8 +7,14 @@ from typing import Annotated
 import typer
 
 import meshchat
+from cli.audit import audit_app
 from cli.common import console
+from cli.groups import group_app
+from cli.org import org_app
+from cli.roles import role_app
+from cli.sites import site_app
 from cli.up import up
+from cli.users import user_app
 
 __all__ = ["app", "main"]
 
@@ -20,6 +26,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command()(up)
+app.add_typer(org_app, name="org")
+app.add_typer(user_app, name="user")
+app.add_typer(group_app, name="group")
+app.add_typer(site_app, name="site")
+app.add_typer(role_app, name="role")
+app.add_typer(audit_app, name="audit")
 
 
 def _version(value: bool) -> None:

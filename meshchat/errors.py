@@ -5,8 +5,15 @@ MeshchatError
 ├── TopicError          a name, topic or topic filter is invalid (the message names the bad part)
 ├── EnvelopeError       an envelope cannot be encoded or decoded (malformed, oversize, unsupported)
 ├── ConfigError         a setting, a file or the data directory is unusable
-└── BrokerError         the embedded broker cannot start or stop
-    └── AddressInUseError   the port the broker should listen on is taken
+├── BrokerError         the embedded broker cannot start or stop
+│   └── AddressInUseError   the port the broker should listen on is taken
+└── DirectoryError      the org directory refuses or cannot do what was asked
+    ├── NotFoundError           no such org, department, user, group, site or device
+    ├── AlreadyExistsError      the name is taken
+    ├── PermissionDeniedError   the actor lacks a permission (named in the message)
+    ├── AuthenticationError     wrong or revoked credentials
+    ├── ImportFileError         an HR import file has a bad row (line number in the message)
+    └── AuditChainError         the audit log was edited, reordered or cut (first bad row named)
 ```
 
 Third-party exceptions are translated at the boundary with `raise ... from exc`, so callers catch
@@ -18,10 +25,17 @@ from __future__ import annotations
 
 __all__ = [
     "AddressInUseError",
+    "AlreadyExistsError",
+    "AuditChainError",
+    "AuthenticationError",
     "BrokerError",
     "ConfigError",
+    "DirectoryError",
     "EnvelopeError",
+    "ImportFileError",
     "MeshchatError",
+    "NotFoundError",
+    "PermissionDeniedError",
     "TopicError",
 ]
 
@@ -70,3 +84,60 @@ class AddressInUseError(BrokerError):
         super().__init__(message)
         self.host = host
         self.port = port
+
+
+class DirectoryError(MeshchatError):
+    """The org directory refuses or cannot do what was asked."""
+
+
+class NotFoundError(DirectoryError, LookupError):
+    """No such org, department, user, group, site or device."""
+
+
+class AlreadyExistsError(DirectoryError):
+    """The name is already taken."""
+
+
+class PermissionDeniedError(DirectoryError, PermissionError):
+    """The actor lacks a permission.
+
+    Attributes:
+        actor: who tried.
+        permission: the permission that was missing, for example ``"group.create"``.
+    """
+
+    def __init__(self, message: str, *, actor: str, permission: str) -> None:
+        """Create the error; the message names the missing permission."""
+        super().__init__(message)
+        self.actor = actor
+        self.permission = permission
+
+
+class AuthenticationError(DirectoryError):
+    """Wrong, unknown or revoked credentials. The message never says which of them."""
+
+
+class ImportFileError(DirectoryError):
+    """An HR import file cannot be applied; nothing was written.
+
+    Attributes:
+        line: the 1-based line of the first bad row, or 0 when the file as a whole is bad.
+    """
+
+    def __init__(self, message: str, *, line: int = 0) -> None:
+        """Create the error for `line`."""
+        super().__init__(message)
+        self.line = line
+
+
+class AuditChainError(DirectoryError):
+    """The audit log's hash chain is broken.
+
+    Attributes:
+        seq: the sequence number of the first bad row.
+    """
+
+    def __init__(self, message: str, *, seq: int) -> None:
+        """Create the error for row `seq`."""
+        super().__init__(message)
+        self.seq = seq

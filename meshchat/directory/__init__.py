@@ -1,0 +1,53 @@
+"""The org directory: org, departments, users, devices, groups, sites, RBAC and the audit log."""
+
+from meshchat.directory.audit import GENESIS, AuditEntry, chain_hash, verify_chain
+from meshchat.directory.credentials import (
+    hash_password,
+    hash_token,
+    new_token,
+    verify_password,
+    verify_token,
+)
+from meshchat.directory.model import (
+    Department,
+    Device,
+    Group,
+    GroupKind,
+    Permission,
+    Role,
+    Site,
+    User,
+    UserStatus,
+)
+from meshchat.directory.rbac import DEPARTMENT_SCOPED, ROLE_PERMISSIONS, can, require
+from meshchat.directory.schema import MIGRATIONS
+from meshchat.directory.store import DIRECTORY_FILE, Directory, parse_group_path
+
+__all__ = [
+    "DEPARTMENT_SCOPED",
+    "DIRECTORY_FILE",
+    "GENESIS",
+    "MIGRATIONS",
+    "ROLE_PERMISSIONS",
+    "AuditEntry",
+    "Department",
+    "Device",
+    "Directory",
+    "Group",
+    "GroupKind",
+    "Permission",
+    "Role",
+    "Site",
+    "User",
+    "UserStatus",
+    "can",
+    "chain_hash",
+    "hash_password",
+    "hash_token",
+    "new_token",
+    "parse_group_path",
+    "require",
+    "verify_chain",
+    "verify_password",
+    "verify_token",
+]

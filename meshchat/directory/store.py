@@ -1,0 +1,739 @@
+"""The directory store: org, users, groups, sites and the audit log in one SQLite file.
+
+Every write runs in one ``BEGIN IMMEDIATE`` transaction together with its audit row, so an
+admin command in another process and the running server never interleave half-changes. Other
+processes notice changes through `Directory.data_version`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Final, Self
+
+from sqlite_utils import Database
+
+from meshchat.directory import rbac
+from meshchat.directory.audit import (
+    GENESIS,
+    AuditEntry,
+    canonical_details,
+    chain_hash,
+    verify_chain,
+)
+from meshchat.directory.credentials import hash_password, verify_password
+from meshchat.directory.model import (
+    Department,
+    Group,
+    GroupKind,
+    Permission,
+    Role,
+    Site,
+    User,
+    UserStatus,
+)
+from meshchat.directory.schema import MIGRATIONS
+from meshchat.errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    ConfigError,
+    DirectoryError,
+    NotFoundError,
+    TopicError,
+)
+from meshchat.topics import RESERVED_DEPARTMENTS, SITES_DEPARTMENT, validate_name
+
+__all__ = ["DIRECTORY_FILE", "Directory", "parse_group_path"]
+
+DIRECTORY_FILE: Final = "directory.db"
+DEFAULT_POST_ROLES: Final = frozenset({Role.ADMIN, Role.MANAGER})
+
+
+def parse_group_path(path: str) -> tuple[str, str]:
+    """Split ``dept/group`` into its two validated names.
+
+    Raises:
+        TopicError: not two names separated by one ``/``, or an invalid name.
+    """
+    parts = path.split("/")
+    if len(parts) != 2:
+        raise TopicError(f"group {path!r} must be written DEPT/GROUP", part="group", value=path)
+    dept, name = parts
+    return validate_name(dept, "department name"), validate_name(name, "group name")
+
+
+def _directory_error(exc: sqlite3.Error, path: Path) -> DirectoryError:
+    return DirectoryError(f"directory {path} cannot be used: {exc}")
+
+
+class Directory:
+    """The org directory in ``DATA/directory.db``; a context manager that closes the file."""
+
+    def __init__(self, path: Path | str, *, clock: Any = time.time) -> None:  # noqa: ANN401  # any callable returning seconds
+        """Open (and create or migrate) the directory at `path`.
+
+        Raises:
+            ConfigError: the file cannot be opened or is not a directory database.
+        """
+        self.path = Path(path)
+        self._clock = clock
+        try:
+            self.db = Database(self.path)
+            self.db.conn.execute("PRAGMA busy_timeout = 10000")
+            self.db.conn.execute("PRAGMA foreign_keys = ON")
+            self.db.enable_wal()
+            MIGRATIONS.apply(self.db)
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"{self.path} is not a usable directory database: {exc}") from exc
+
+    @classmethod
+    def in_data_dir(cls, data: Path) -> Self:
+        """The directory of a data directory."""
+        return cls(data / DIRECTORY_FILE)
+
+    def close(self) -> None:
+        """Close the database file."""
+        self.db.close()
+
+    def __enter__(self) -> Self:
+        """Use the directory in a with-block."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the database file."""
+        self.close()
+
+    # -- transactions and audit ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One immediate write transaction; nested calls join the outer one."""
+        conn = self.db.conn
+        if conn.in_transaction:
+            yield conn
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _directory_error(exc, self.path) from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _audit(self, actor: str, action: str, target: str, **details: Any) -> None:  # noqa: ANN401  # JSON values
+        conn = self.db.conn
+        assert conn.in_transaction, "audit rows are written inside the change they record"
+        row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+        ts = float(self._clock())
+        text = canonical_details(details)
+        digest = chain_hash(
+            prev, seq, ts=ts, actor=actor, action=action, target=target, details=text
+        )
+        conn.execute(
+            "INSERT INTO audit (seq, ts, actor, action, target, details, prev_hash, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, ts, actor, action, target, text, prev, digest),
+        )
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('audit_head', ?)",
+            (json.dumps([seq, digest]),),
+        )
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits a change."""
+        return int(self.db.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    # -- org ---------------------------------------------------------------------------------
+
+    @property
+    def org(self) -> str:
+        """The org's name.
+
+        Raises:
+            NotFoundError: no org yet.
+        """
+        row = self.db.conn.execute("SELECT name FROM org").fetchone()
+        if row is None:
+            raise NotFoundError("there is no org yet: run `meshchat org init --org NAME` first")
+        return str(row[0])
+
+    @property
+    def initialized(self) -> bool:
+        """Whether `init_org` has run."""
+        return self.db.conn.execute("SELECT 1 FROM org").fetchone() is not None
+
+    def init_org(self, org: str, *, admin: str, password: str, dept: str = "admin") -> User:
+        """Create the org with its first department and admin account.
+
+        Raises:
+            AlreadyExistsError: the directory already has an org.
+            TopicError: a name is invalid.
+            ValueError: the password is too short or too long.
+        """
+        validate_name(org, "org name")
+        password_hash = hash_password(password)
+        with self._write():
+            if self.initialized:
+                raise AlreadyExistsError(f"the directory already holds the org {self.org!r}")
+            now = float(self._clock())
+            self.db.table("org").insert({"name": org, "created_at": now})
+            self.db.table("meta").insert({"key": "bootstrap_admin", "value": admin}, replace=True)
+            self._audit(admin, "org.init", org)
+            self._insert_user(
+                admin,
+                admin,
+                dept=dept,
+                role=Role.ADMIN,
+                password_hash=password_hash,
+                display_name="",
+            )
+        return self.user(admin)
+
+    def default_actor(self) -> str:
+        """Who admin commands act as when no one is named: the admin `init_org` created.
+
+        Raises:
+            NotFoundError: no org yet.
+        """
+        row = self.db.conn.execute("SELECT value FROM meta WHERE key = 'bootstrap_admin'")
+        found = row.fetchone()
+        if found is None:
+            self.org  # noqa: B018  # raises the "no org yet" error
+            raise NotFoundError("the directory names no admin; pass --as USER")
+        return str(found[0])
+
+    # -- departments ---------------------------------------------------------------------------
+
+    def _ensure_department(self, actor: str, dept: str) -> None:
+        validate_name(dept, "department name")
+        if dept in RESERVED_DEPARTMENTS:
+            raise TopicError(
+                f"department name {dept!r} is reserved for site channels",
+                part="department name",
+                value=dept,
+            )
+        exists = self.db.conn.execute("SELECT 1 FROM departments WHERE name = ?", (dept,))
+        if exists.fetchone() is None:
+            self.db.table("departments").insert({"name": dept, "created_at": float(self._clock())})
+            self._audit(actor, "department.create", dept)
+
+    def departments(self) -> list[Department]:
+        """Every department, by name."""
+        return [
+            Department(row["name"], row["created_at"])
+            for row in self.db.table("departments").rows_where(order_by="name")
+        ]
+
+    # -- users -------------------------------------------------------------------------------
+
+    def _insert_user(
+        self,
+        actor: str,
+        name: str,
+        *,
+        dept: str,
+        role: Role,
+        password_hash: str | None,
+        display_name: str,
+    ) -> None:
+        validate_name(name, "user name")
+        self._ensure_department(actor, dept)
+        existing = self._user_row(name)
+        if existing is not None:
+            state = "a revoked account" if existing["status"] == UserStatus.REVOKED else "taken"
+            raise AlreadyExistsError(f"user name {name!r} is {state}")
+        now = float(self._clock())
+        self.db.table("users").insert(
+            {
+                "name": name,
+                "dept": dept,
+                "role": role.value,
+                "status": UserStatus.ACTIVE.value,
+                "display_name": display_name,
+                "password_hash": password_hash,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+        self._audit(actor, "user.add", name, dept=dept, role=role.value)
+
+    def _user_row(self, name: str) -> dict[str, Any] | None:
+        rows = list(self.db.table("users").rows_where("name = ?", [name]))
+        return rows[0] if rows else None
+
+    @staticmethod
+    def _to_user(row: dict[str, Any]) -> User:
+        return User(
+            name=row["name"],
+            dept=row["dept"],
+            role=Role(row["role"]),
+            status=UserStatus(row["status"]),
+            created_at=row["created_at"],
+            display_name=row["display_name"] or "",
+            has_password=bool(row["password_hash"]),
+        )
+
+    def user(self, name: str) -> User:
+        """One user.
+
+        Raises:
+            NotFoundError: no such user.
+        """
+        row = self._user_row(name)
+        if row is None:
+            raise NotFoundError(f"no user {name!r}")
+        return self._to_user(row)
+
+    def users(self, *, dept: str | None = None, include_revoked: bool = False) -> list[User]:
+        """Users by name, optionally of one department."""
+        where, args = [], []
+        if dept is not None:
+            where.append("dept = ?")
+            args.append(dept)
+        if not include_revoked:
+            where.append("status = ?")
+            args.append(UserStatus.ACTIVE.value)
+        rows = self.db.table("users").rows_where(" AND ".join(where) or None, args, order_by="name")
+        return [self._to_user(row) for row in rows]
+
+    def _actor(self, name: str) -> User:
+        try:
+            return self.user(name)
+        except NotFoundError:
+            raise NotFoundError(f"no user {name!r} to act as") from None
+
+    def add_user(
+        self,
+        actor: str,
+        name: str,
+        *,
+        dept: str,
+        role: Role = Role.MEMBER,
+        password: str | None = None,
+        display_name: str = "",
+    ) -> User:
+        """Onboard a user (creating the department when it is new).
+
+        Raises:
+            PermissionDeniedError: `actor` lacks ``user.manage``.
+            AlreadyExistsError: the name is taken (also by a revoked account).
+        """
+        password_hash = hash_password(password) if password is not None else None
+        with self._write():
+            rbac.require(self._actor(actor), Permission.USER_MANAGE)
+            self._insert_user(
+                actor,
+                name,
+                dept=dept,
+                role=role,
+                password_hash=password_hash,
+                display_name=display_name,
+            )
+        return self.user(name)
+
+    def set_password(self, actor: str, name: str, password: str) -> None:
+        """Set a user's password (users may set their own).
+
+        Raises:
+            PermissionDeniedError: `actor` is someone else and lacks ``user.manage``.
+        """
+        password_hash = hash_password(password)
+        with self._write():
+            if actor != name:
+                rbac.require(self._actor(actor), Permission.USER_MANAGE)
+            self.user(name)
+            self.db.table("users").update(
+                name, {"password_hash": password_hash, "updated_at": float(self._clock())}
+            )
+            self._audit(actor, "user.password", name)
+
+    def set_role(self, actor: str, name: str, role: Role) -> User:
+        """Change a user's role.
+
+        Raises:
+            PermissionDeniedError: `actor` lacks ``role.manage``.
+        """
+        with self._write():
+            rbac.require(self._actor(actor), Permission.ROLE_MANAGE)
+            before = self.user(name)
+            if before.role is not role:
+                self.db.table("users").update(
+                    name, {"role": role.value, "updated_at": float(self._clock())}
+                )
+                self._audit(actor, "user.role", name, before=before.role.value, after=role.value)
+        return self.user(name)
+
+    def move_user(self, actor: str, name: str, dept: str) -> User:
+        """Move a user to another department (created when new).
+
+        Raises:
+            PermissionDeniedError: `actor` lacks ``user.manage``.
+        """
+        with self._write():
+            rbac.require(self._actor(actor), Permission.USER_MANAGE)
+            before = self.user(name)
+            if before.dept != dept:
+                self._ensure_department(actor, dept)
+                self.db.table("users").update(
+                    name, {"dept": dept, "updated_at": float(self._clock())}
+                )
+                self._audit(actor, "user.move", name, before=before.dept, after=dept)
+        return self.user(name)
+
+    def remove_user(self, actor: str, name: str) -> list[str]:
+        """Offboard a user: revoke the account and its devices, end every membership.
+
+        Every group the user was in is marked for key rotation.
+
+        Returns:
+            The paths of the groups the user left.
+
+        Raises:
+            PermissionDeniedError: `actor` lacks ``user.manage``.
+            NotFoundError: no such user, or already revoked.
+        """
+        with self._write():
+            rbac.require(self._actor(actor), Permission.USER_MANAGE)
+            user = self.user(name)
+            if not user.active:
+                raise NotFoundError(f"user {name!r} is already revoked")
+            left = [group.path for group in self.groups(member=name)]
+            group_ids = [
+                row[0]
+                for row in self.db.conn.execute(
+                    "SELECT group_id FROM members WHERE user = ?", (name,)
+                )
+            ]
+            self.db.conn.execute("DELETE FROM members WHERE user = ?", (name,))
+            for group_id in group_ids:
+                self.db.conn.execute(
+                    "UPDATE groups SET rotation_pending = 1 WHERE id = ?", (group_id,)
+                )
+            self.db.conn.execute(
+                "UPDATE users SET status = ?, password_hash = NULL, updated_at = ? WHERE name = ?",
+                (UserStatus.REVOKED.value, float(self._clock()), name),
+            )
+            self.db.conn.execute(
+                "UPDATE devices SET status = ?, token_hash = NULL WHERE owner = ?",
+                (UserStatus.REVOKED.value, name),
+            )
+            self._audit(actor, "user.remove", name, groups=left)
+        return left
+
+    def authenticate_password(self, name: str, password: str) -> User:
+        """The user, if `password` is theirs and the account is active.
+
+        Raises:
+            AuthenticationError: unknown user, wrong password or revoked account (not said which).
+        """
+        row = self._user_row(name)
+        stored = row["password_hash"] if row else None
+        if row is None or not verify_password(stored, password):
+            raise AuthenticationError("wrong user name or password")
+        user = self._to_user(row)
+        if not user.active:
+            raise AuthenticationError("wrong user name or password")
+        return user
+
+    # -- groups ------------------------------------------------------------------------------
+
+    def _group_row(self, dept: str, name: str) -> dict[str, Any] | None:
+        rows = list(self.db.table("groups").rows_where("dept = ? AND name = ?", [dept, name]))
+        return rows[0] if rows else None
+
+    def _to_group(self, row: dict[str, Any]) -> Group:
+        members = frozenset(
+            r[0]
+            for r in self.db.conn.execute(
+                "SELECT user FROM members WHERE group_id = ?", (row["id"],)
+            )
+        )
+        post_roles = frozenset(Role(r) for r in (row["post_roles"] or "").split(",") if r)
+        return Group(
+            dept=row["dept"],
+            name=row["name"],
+            kind=GroupKind(row["kind"]),
+            created_at=row["created_at"],
+            created_by=row["created_by"],
+            expires_at=row["expires_at"],
+            announcement=bool(row["announcement"]),
+            post_roles=post_roles,
+            retention_days=row["retention_days"],
+            legal_hold=bool(row["legal_hold"]),
+            compliance=bool(row["compliance"]),
+            rotation_pending=bool(row["rotation_pending"]),
+            members=members,
+        )
+
+    def group(self, path: str) -> Group:
+        """One group by ``dept/name``.
+
+        Raises:
+            NotFoundError: no such group.
+        """
+        dept, name = parse_group_path(path)
+        row = self._group_row(dept, name)
+        if row is None:
+            raise NotFoundError(f"no group {path!r}")
+        return self._to_group(row)
+
+    def groups(self, *, member: str | None = None, dept: str | None = None) -> list[Group]:
+        """Groups by path; only those `member` belongs to, or of one department."""
+        sql = "SELECT * FROM groups"
+        args: list[Any] = []
+        where = []
+        if member is not None:
+            where.append("id IN (SELECT group_id FROM members WHERE user = ?)")
+            args.append(member)
+        if dept is not None:
+            where.append("dept = ?")
+            args.append(dept)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        cursor = self.db.conn.execute(sql + " ORDER BY dept, name", args)
+        columns = [c[0] for c in cursor.description]
+        return [self._to_group(dict(zip(columns, row, strict=True))) for row in cursor.fetchall()]
+
+    def create_group(
+        self,
+        actor: str,
+        path: str,
+        *,
+        kind: GroupKind = GroupKind.PUBLIC,
+        expires_at: float | None = None,
+        retention_days: int | None = None,
+        compliance: bool = False,
+        announcement: bool = False,
+        post_roles: Iterable[Role] | None = None,
+    ) -> Group:
+        """Create a group; its creator becomes its first member.
+
+        Raises:
+            PermissionDeniedError: `actor` may not create groups in that department.
+            AlreadyExistsError: the group exists.
+            DirectoryError: a temporary group without expiry, or an expiry on another kind.
+        """
+        dept, name = parse_group_path(path)
+        if dept == SITES_DEPARTMENT:
+            raise DirectoryError("site channels are created with `meshchat site add`")
+        if (kind is GroupKind.TEMPORARY) != (expires_at is not None):
+            raise DirectoryError("a temporary group needs an expiry, and only a temporary one")
+        if retention_days is not None and retention_days < 1:
+            raise DirectoryError("retention must be at least one day")
+        roles = frozenset(post_roles) if post_roles is not None else DEFAULT_POST_ROLES
+        with self._write():
+            creator = self._actor(actor)
+            rbac.require(creator, Permission.GROUP_CREATE, dept=dept)
+            if dept not in {d.name for d in self.departments()}:
+                raise NotFoundError(f"no department {dept!r}")
+            self._insert_group(
+                actor,
+                dept,
+                name,
+                kind=kind,
+                expires_at=expires_at,
+                retention_days=retention_days,
+                compliance=compliance,
+                announcement=announcement,
+                post_roles=roles,
+            )
+            self._add_member_rows(dept, name, [actor])
+        return self.group(path)
+
+    def _insert_group(self, actor: str, dept: str, name: str, **policy: Any) -> None:  # noqa: ANN401  # column values
+        if self._group_row(dept, name) is not None:
+            raise AlreadyExistsError(f"group {dept}/{name} already exists")
+        roles: frozenset[Role] = policy.pop("post_roles")
+        self.db.table("groups").insert(
+            {
+                "dept": dept,
+                "name": name,
+                "kind": policy.pop("kind").value,
+                "created_at": float(self._clock()),
+                "created_by": actor,
+                "post_roles": ",".join(sorted(r.value for r in roles)),
+                **{k: int(v) if isinstance(v, bool) else v for k, v in policy.items()},
+            }
+        )
+        audit_policy = {k: v for k, v in policy.items() if v not in {None, False}}
+        self._audit(actor, "group.create", f"{dept}/{name}", **audit_policy)
+
+    def _add_member_rows(self, dept: str, name: str, users: Iterable[str]) -> list[str]:
+        row = self._group_row(dept, name)
+        assert row is not None
+        added = []
+        for user in users:
+            found = self.user(user)
+            if not found.active:
+                raise DirectoryError(f"user {user!r} is revoked")
+            cursor = self.db.conn.execute(
+                "INSERT OR IGNORE INTO members (group_id, user, added_at) VALUES (?, ?, ?)",
+                (row["id"], user, float(self._clock())),
+            )
+            if cursor.rowcount:
+                added.append(user)
+        return added
+
+    def add_members(self, actor: str, path: str, users: Iterable[str]) -> list[str]:
+        """Add users to a group; returns those who were not members yet (adds do not rotate).
+
+        Raises:
+            PermissionDeniedError: `actor` may not manage the group's department.
+        """
+        dept, name = parse_group_path(path)
+        with self._write():
+            rbac.require(self._actor(actor), Permission.GROUP_MANAGE, dept=dept)
+            self.group(path)
+            added = self._add_member_rows(dept, name, users)
+            if added:
+                self._audit(actor, "group.add", path, users=added)
+        return added
+
+    def remove_members(self, actor: str, path: str, users: Iterable[str]) -> list[str]:
+        """Remove users from a group and mark it for key rotation; returns who was removed.
+
+        Raises:
+            PermissionDeniedError: `actor` may not manage the group's department.
+        """
+        dept, name = parse_group_path(path)
+        wanted = list(users)
+        with self._write():
+            rbac.require(self._actor(actor), Permission.GROUP_MANAGE, dept=dept)
+            group = self.group(path)
+            removed = [user for user in wanted if user in group.members]
+            row = self._group_row(dept, name)
+            assert row is not None
+            for user in removed:
+                self.db.conn.execute(
+                    "DELETE FROM members WHERE group_id = ? AND user = ?", (row["id"], user)
+                )
+            if removed:
+                self.db.conn.execute(
+                    "UPDATE groups SET rotation_pending = 1 WHERE id = ?", (row["id"],)
+                )
+                self._audit(actor, "group.remove", path, users=removed)
+        return removed
+
+    # -- sites -------------------------------------------------------------------------------
+
+    def add_site(
+        self,
+        actor: str,
+        name: str,
+        *,
+        lat: float | None = None,
+        lon: float | None = None,
+        radius_m: float | None = None,
+        polygon: list[tuple[float, float]] | None = None,
+    ) -> Site:
+        """Add a site (a circle or a polygon of (lat, lon) points) and its channel group.
+
+        Raises:
+            PermissionDeniedError: `actor` lacks ``site.manage``.
+            DirectoryError: neither or both shapes, or coordinates out of range.
+        """
+        validate_name(name, "site name")
+        circle = lat is not None and lon is not None and radius_m is not None
+        if circle == (polygon is not None):
+            raise DirectoryError("a site is a circle (--lat, --lon, --radius) or a polygon")
+        points = [(lat, lon)] if circle else list(polygon or [])
+        for point_lat, point_lon in points:
+            assert point_lat is not None
+            assert point_lon is not None
+            if not (-90 <= point_lat <= 90 and -180 <= point_lon <= 180):
+                raise DirectoryError(f"coordinates ({point_lat}, {point_lon}) are out of range")
+        if circle and not (radius_m is not None and 0 < radius_m <= 100_000):
+            raise DirectoryError("the radius must be between 0 and 100,000 metres")
+        if polygon is not None and len(polygon) < 3:
+            raise DirectoryError("a polygon needs at least three points")
+        with self._write():
+            rbac.require(self._actor(actor), Permission.SITE_MANAGE)
+            if list(self.db.table("sites").rows_where("name = ?", [name])):
+                raise AlreadyExistsError(f"site {name!r} already exists")
+            self.db.table("sites").insert(
+                {
+                    "name": name,
+                    "lat": lat,
+                    "lon": lon,
+                    "radius_m": radius_m,
+                    "polygon": json.dumps(polygon) if polygon is not None else None,
+                    "created_at": float(self._clock()),
+                }
+            )
+            self._audit(actor, "site.add", name, circle=circle)
+            self._insert_group(
+                actor,
+                SITES_DEPARTMENT,
+                name,
+                kind=GroupKind.PUBLIC,
+                expires_at=None,
+                retention_days=None,
+                compliance=False,
+                announcement=False,
+                post_roles=DEFAULT_POST_ROLES,
+            )
+        return self.site(name)
+
+    def site(self, name: str) -> Site:
+        """One site.
+
+        Raises:
+            NotFoundError: no such site.
+        """
+        rows = list(self.db.table("sites").rows_where("name = ?", [name]))
+        if not rows:
+            raise NotFoundError(f"no site {name!r}")
+        return self._to_site(rows[0])
+
+    @staticmethod
+    def _to_site(row: dict[str, Any]) -> Site:
+        polygon = json.loads(row["polygon"]) if row["polygon"] else None
+        return Site(
+            name=row["name"],
+            lat=row["lat"],
+            lon=row["lon"],
+            radius_m=row["radius_m"],
+            polygon=tuple((float(a), float(b)) for a, b in polygon) if polygon else None,
+            created_at=row["created_at"],
+        )
+
+    def sites(self) -> list[Site]:
+        """Every site, by name."""
+        return [self._to_site(row) for row in self.db.table("sites").rows_where(order_by="name")]
+
+    # -- audit -------------------------------------------------------------------------------
+
+    def audit_entries(self, *, last: int | None = None) -> list[AuditEntry]:
+        """The audit log in order (only the `last` rows when given)."""
+        sql = "SELECT seq, ts, actor, action, target, details, prev_hash, hash FROM audit"
+        if last is not None:
+            sql = f"SELECT * FROM ({sql} ORDER BY seq DESC LIMIT ?) ORDER BY seq"  # noqa: S608  # constant SQL
+            rows = self.db.conn.execute(sql, (last,)).fetchall()
+        else:
+            rows = self.db.conn.execute(sql + " ORDER BY seq").fetchall()
+        return [AuditEntry(*row) for row in rows]
+
+    def verify_audit(self) -> int:
+        """Check the whole audit chain; returns the number of rows.
+
+        Raises:
+            AuditChainError: naming the first bad row.
+        """
+        row = self.db.conn.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
+        head = tuple(json.loads(row[0])) if row else None
+        cursor = self.db.conn.execute(
+            "SELECT seq, ts, actor, action, target, details, prev_hash, hash FROM audit "
+            "ORDER BY rowid"
+        )
+        return verify_chain(
+            (AuditEntry(*r) for r in cursor),
+            (int(head[0]), str(head[1])) if head else None,
+        )
