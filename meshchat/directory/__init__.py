@@ -19,6 +19,15 @@ from meshchat.directory.model import (
     User,
     UserStatus,
 )
+from meshchat.directory.policy import (
+    SERVICE_PREFIX,
+    AccessPolicy,
+    Action,
+    Decision,
+    DirectorySnapshot,
+    Principal,
+    PrincipalKind,
+)
 from meshchat.directory.rbac import DEPARTMENT_SCOPED, ROLE_PERMISSIONS, can, require
 from meshchat.directory.schema import MIGRATIONS
 from meshchat.directory.store import DIRECTORY_FILE, Directory, parse_group_path
@@ -29,13 +38,20 @@ __all__ = [
     "GENESIS",
     "MIGRATIONS",
     "ROLE_PERMISSIONS",
+    "SERVICE_PREFIX",
+    "AccessPolicy",
+    "Action",
     "AuditEntry",
+    "Decision",
     "Department",
     "Device",
     "Directory",
+    "DirectorySnapshot",
     "Group",
     "GroupKind",
     "Permission",
+    "Principal",
+    "PrincipalKind",
     "Role",
     "Site",
     "User",

@@ -11,7 +11,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Self
 
@@ -25,9 +25,10 @@ from meshchat.directory.audit import (
     chain_hash,
     verify_chain,
 )
-from meshchat.directory.credentials import hash_password, verify_password
+from meshchat.directory.credentials import hash_password, hash_token, new_token, verify_password
 from meshchat.directory.model import (
     Department,
+    Device,
     Group,
     GroupKind,
     Permission,
@@ -36,6 +37,7 @@ from meshchat.directory.model import (
     User,
     UserStatus,
 )
+from meshchat.directory.policy import DirectorySnapshot
 from meshchat.directory.schema import MIGRATIONS
 from meshchat.errors import (
     AlreadyExistsError,
@@ -442,6 +444,113 @@ class Directory:
         if not user.active:
             raise AuthenticationError("wrong user name or password")
         return user
+
+    # -- devices -----------------------------------------------------------------------------
+
+    def add_device(self, actor: str, name: str, *, owner: str, kind: str = "phone") -> str:
+        """Register a device to a user and return its token (shown once, stored only hashed).
+
+        Users may register their own devices; admins anyone's.
+
+        Raises:
+            PermissionDeniedError: `actor` registers for someone else without ``user.manage``.
+            AlreadyExistsError: the name is taken by a device or a user.
+        """
+        validate_name(name, "device name")
+        validate_name(kind, "device kind")
+        token = new_token()
+        with self._write():
+            if actor != owner:
+                rbac.require(self._actor(actor), Permission.USER_MANAGE)
+            if not self.user(owner).active:
+                raise DirectoryError(f"user {owner!r} is revoked")
+            taken = self.db.conn.execute(
+                "SELECT 1 FROM devices WHERE name = ? UNION SELECT 1 FROM users WHERE name = ? "
+                "AND name != ?",
+                (name, name, owner),
+            ).fetchone()
+            if taken is not None:
+                raise AlreadyExistsError(f"device name {name!r} is taken")
+            self.db.table("devices").insert(
+                {
+                    "name": name,
+                    "owner": owner,
+                    "kind": kind,
+                    "status": UserStatus.ACTIVE.value,
+                    "token_hash": hash_token(token),
+                    "created_at": float(self._clock()),
+                }
+            )
+            self._audit(actor, "device.add", name, owner=owner, kind=kind)
+        return token
+
+    def devices(self, *, owner: str | None = None) -> list[Device]:
+        """Registered devices by name, optionally of one owner."""
+        rows = self.db.table("devices").rows_where(
+            "owner = ?" if owner else None, [owner] if owner else [], order_by="name"
+        )
+        return [
+            Device(r["name"], r["owner"], r["kind"], UserStatus(r["status"]), r["created_at"])
+            for r in rows
+        ]
+
+    def revoke_device(self, actor: str, name: str) -> None:
+        """Revoke one device's credential.
+
+        Raises:
+            NotFoundError: no such device.
+            PermissionDeniedError: someone else's device without ``user.manage``.
+        """
+        with self._write():
+            rows = list(self.db.table("devices").rows_where("name = ?", [name]))
+            if not rows:
+                raise NotFoundError(f"no device {name!r}")
+            if actor != rows[0]["owner"]:
+                rbac.require(self._actor(actor), Permission.USER_MANAGE)
+            self.db.conn.execute(
+                "UPDATE devices SET status = ?, token_hash = NULL WHERE name = ?",
+                (UserStatus.REVOKED.value, name),
+            )
+            self._audit(actor, "device.revoke", name)
+
+    # -- snapshot for the access policy --------------------------------------------------------
+
+    def snapshot(self, service_tokens: Mapping[str, str] | None = None) -> DirectorySnapshot:
+        """Everything the access policy needs, read in one transaction.
+
+        Args:
+            service_tokens: token hashes of the internal services, by service name.
+        """
+        conn = self.db.conn
+        with self._read():
+            users = {user.name: user for user in self.users(include_revoked=True)}
+            devices = {device.name: device for device in self.devices()}
+            groups = {(group.dept, group.name): group for group in self.groups()}
+            passwords = dict(conn.execute("SELECT name, password_hash FROM users").fetchall())
+            tokens = dict(conn.execute("SELECT name, token_hash FROM devices").fetchall())
+            org = self.org
+        return DirectorySnapshot(
+            org=org,
+            users=users,
+            devices=devices,
+            groups=groups,
+            password_hashes=passwords,
+            token_hashes=tokens,
+            service_tokens=dict(service_tokens or {}),
+        )
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[None]:
+        """A consistent view across several queries (a read transaction)."""
+        conn = self.db.conn
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
 
     # -- groups ------------------------------------------------------------------------------
 
