@@ -13,9 +13,42 @@ from cli.common import DEFAULT_DATA, DataOption, VerboseOption, console, fail, s
 from meshchat.broker import BrokerSettings, TlsFiles
 from meshchat.datadir import DataDir
 from meshchat.errors import MeshchatError
-from meshchat.server import SiteServer
+from meshchat.server import DEFAULT_ORG, SiteServer
 
 __all__ = ["up"]
+
+
+def _print_start(server: SiteServer) -> None:
+    console.print(f"meshchat up: data directory {server.data.path}", soft_wrap=True)
+    for listener in server.listeners:
+        console.print(f"  listening on {listener.url}", soft_wrap=True)
+    if server.anonymous:
+        settings = server.broker.settings
+        where = "this machine" if settings.loopback_only else "loopback addresses"
+        console.print(
+            "[bold yellow]warning:[/] --anonymous: no authentication and no access control; "
+            f"anyone on {where} may read and write every topic",
+            soft_wrap=True,
+        )
+    elif server.watcher is not None:
+        org = server.watcher.policy.snapshot.org
+        console.print(f"  org {org}: clients log in with directory accounts", soft_wrap=True)
+    if server.bootstrap is not None:
+        boot = server.bootstrap
+        console.print(
+            f"\nCreated the org [bold]{boot.org}[/] and its admin account. The password is shown "
+            "only this once:\n"
+            f"  user:     {boot.admin}\n"
+            f"  password: {boot.password}\n"
+            "Next steps, in another terminal:\n"
+            "  meshchat user add alice --dept ops --password-stdin\n"
+            "  meshchat group create ops/general && meshchat group add ops/general alice\n"
+            "MQTT clients log in with a user name and password and a client id that starts "
+            "with the user name and a dot, e.g. `mosquitto_sub -u alice -P PASSWORD "
+            f"-i alice.sub -t mc/{boot.org}/ops/general`.\n",
+            soft_wrap=True,
+        )
+    console.print("Press Ctrl-C to stop.")
 
 
 async def _serve(server: SiteServer) -> None:
@@ -25,21 +58,7 @@ async def _serve(server: SiteServer) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         async with server:
-            console.print(f"meshchat up: data directory {server.data.path}", soft_wrap=True)
-            for listener in server.listeners:
-                console.print(f"  listening on {listener.url}", soft_wrap=True)
-            if server.broker.settings.loopback_only:
-                note = "anonymous clients are accepted, from this machine only"
-            else:
-                note = (
-                    f"listening on {server.broker.settings.host}, but anonymous clients are "
-                    "accepted from loopback addresses only"
-                )
-            console.print(
-                f"[yellow]warning:[/] no authentication yet (it comes with the directory): {note}",
-                soft_wrap=True,
-            )
-            console.print("Press Ctrl-C to stop.")
+            _print_start(server)
             await stop.wait()
             console.print("stopping ...")
     finally:
@@ -71,12 +90,24 @@ def up(
             help="Secure WebSocket (with --tls-cert and --ws-port); default: the ws port + 1.",
         ),
     ] = None,
+    org: Annotated[
+        str, typer.Option("--org", help="On a first run: the org to create.")
+    ] = DEFAULT_ORG,
+    anonymous: Annotated[
+        bool,
+        typer.Option(
+            "--anonymous",
+            help="No authentication or access control (loopback clients only). For tests only.",
+        ),
+    ] = False,
     data: DataOption = DEFAULT_DATA,
     verbose: VerboseOption = 0,
 ) -> None:
-    """Start the site server: the embedded MQTT broker, on this machine, until Ctrl-C.
+    """Start the site server: the embedded MQTT broker and the org directory, until Ctrl-C.
 
-    It prints where it listens. TLS (1.2 or newer) needs both --tls-cert and --tls-key.
+    On a first run it creates the org and an admin account and prints the admin's password
+    once. Clients log in with directory accounts; the broker enforces group membership and
+    roles. TLS (1.2 or newer) needs both --tls-cert and --tls-key.
     """
     setup_logging(verbose)
     if (tls_cert is None) != (tls_key is None):
@@ -90,6 +121,7 @@ def up(
             tls_port=tls_port,
             wss_port=wss_port,
         )
-        asyncio.run(_serve(SiteServer(DataDir(data), settings)))
+        server = SiteServer(DataDir(data), settings, org=org, anonymous=anonymous)
+        asyncio.run(_serve(server))
     except MeshchatError as exc:
         fail(str(exc))

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import ExitStack
-from typing import TYPE_CHECKING, Self
+import secrets
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Self
 
-from meshchat.broker import BrokerSettings, EmbeddedBroker, Listener
+from meshchat.broker import AccessGate, BrokerSettings, EmbeddedBroker, Listener
+from meshchat.directory import DIRECTORY_FILE, AccessPolicy, Directory
+from meshchat.directory.watch import DirectoryWatcher
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -16,26 +20,57 @@ if TYPE_CHECKING:
 
     from meshchat.datadir import DataDir
 
-__all__ = ["RUNTIME_FILE", "SiteServer"]
+__all__ = ["DEFAULT_ORG", "RUNTIME_FILE", "Bootstrap", "SiteServer"]
 
 logger = logging.getLogger(__name__)
 
-RUNTIME_FILE = "up.json"
+RUNTIME_FILE: Final = "up.json"
 """Written while the server runs: its pid and listener URLs, for local clients and scripts."""
+DEFAULT_ORG: Final = "demo"
+BOOTSTRAP_ADMIN: Final = "admin"
+BOOTSTRAP_DEPT: Final = "it"
+
+
+@dataclass(frozen=True, slots=True)
+class Bootstrap:
+    """The org and admin account a first run created; the password exists nowhere else."""
+
+    org: str
+    admin: str
+    password: str = field(repr=False)
 
 
 class SiteServer:
-    """Broker (and, as they land, directory, archiver and geofence) sharing one data directory.
+    """Broker and directory (and, as they land, archiver and geofence) on one data directory.
 
-    An async context manager: entering locks the data directory and starts every service;
-    leaving stops them in reverse order and releases the lock.
+    An async context manager: entering locks the data directory, creates the org on a first
+    run, and starts every service; leaving stops them in reverse order and releases the lock.
     """
 
-    def __init__(self, data: DataDir, broker: BrokerSettings | None = None) -> None:
-        """Prepare a server on `data`; nothing starts until it is entered."""
+    def __init__(
+        self,
+        data: DataDir,
+        broker: BrokerSettings | None = None,
+        *,
+        org: str = DEFAULT_ORG,
+        anonymous: bool = False,
+    ) -> None:
+        """Prepare a server on `data`; nothing starts until it is entered.
+
+        Args:
+            data: the data directory.
+            broker: where the broker listens.
+            org: the org to create when the data directory has no directory yet.
+            anonymous: no authentication or ACL: anonymous clients from loopback only.
+        """
         self.data = data
-        self.broker = EmbeddedBroker(broker)
-        self._stack = ExitStack()
+        self.org = org
+        self.anonymous = anonymous
+        self.bootstrap: Bootstrap | None = None
+        self.watcher: DirectoryWatcher | None = None
+        self._broker_settings = broker or BrokerSettings()
+        self.broker = EmbeddedBroker(self._broker_settings)
+        self._stack = AsyncExitStack()
 
     @property
     def listeners(self) -> list[Listener]:
@@ -47,20 +82,53 @@ class SiteServer:
         """The file that tells local clients where this server listens."""
         return self.data.path / RUNTIME_FILE
 
+    @property
+    def directory_file(self) -> Path:
+        """The directory database of this server."""
+        return self.data.path / DIRECTORY_FILE
+
+    def _bootstrap(self) -> None:
+        """Create the org and an admin with a random password when the directory is empty."""
+        with Directory(self.directory_file) as directory:
+            if directory.initialized:
+                return
+            password = secrets.token_urlsafe(12)
+            directory.init_org(
+                self.org, admin=BOOTSTRAP_ADMIN, password=password, dept=BOOTSTRAP_DEPT
+            )
+            self.bootstrap = Bootstrap(self.org, BOOTSTRAP_ADMIN, password)
+            logger.info("created org %s with admin %s", self.org, BOOTSTRAP_ADMIN)
+
+    async def _on_policy(self, policy: AccessPolicy) -> None:
+        gate = self.broker.access
+        assert gate is not None
+        for client_id in gate.update(policy):
+            await self.broker.disconnect(client_id)
+
     async def __aenter__(self) -> Self:
         """Lock the data directory and start the services.
 
         Raises:
             ConfigError: the data directory is unusable or in use.
             BrokerError: the broker cannot listen (`AddressInUseError` when a port is taken).
+            DirectoryError: the directory file cannot be used.
         """
-        self._stack.enter_context(self.data.lock())
+        stack = self._stack
         try:
-            await self.broker.start()
+            stack.enter_context(self.data.lock())
+            if not self.anonymous:
+                self._bootstrap()
+                self.watcher = await stack.enter_async_context(
+                    DirectoryWatcher(self.directory_file)
+                )
+                self.broker = EmbeddedBroker(
+                    self._broker_settings, access=AccessGate(self.watcher.policy)
+                )
+                self.watcher.add_listener(self._on_policy)
+            await stack.enter_async_context(self.broker)
             self._write_runtime_file()
         except BaseException:
-            await self.broker.stop()
-            self._stack.close()
+            await stack.aclose()
             raise
         return self
 
@@ -78,7 +146,4 @@ class SiteServer:
         traceback: TracebackType | None,
     ) -> None:
         """Stop every service and release the data directory."""
-        try:
-            await self.broker.stop()
-        finally:
-            self._stack.close()
+        await self._stack.aclose()

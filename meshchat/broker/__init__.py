@@ -1,5 +1,6 @@
 """The embedded MQTT broker (amqtt) and its plugins; it routes envelopes and never holds keys."""
 
+from meshchat.broker.access import AccessGate, DirectoryAuthPlugin, DirectoryTopicPlugin
 from meshchat.broker.embedded import (
     BrokerSettings,
     BrokerState,
@@ -11,8 +12,11 @@ from meshchat.broker.embedded import (
 from meshchat.broker.plugins import LoopbackOnlyAuthPlugin, is_loopback
 
 __all__ = [
+    "AccessGate",
     "BrokerSettings",
     "BrokerState",
+    "DirectoryAuthPlugin",
+    "DirectoryTopicPlugin",
     "EmbeddedBroker",
     "Listener",
     "LoopbackOnlyAuthPlugin",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Self
 import amqtt.broker
 import amqtt.errors
 
+from meshchat.broker.access import AccessGate
 from meshchat.broker.plugins import is_loopback
 from meshchat.errors import AddressInUseError, BrokerError, ConfigError
 
@@ -166,9 +167,18 @@ class EmbeddedBroker:
     loopback addresses (`meshchat.broker.plugins.LoopbackOnlyAuthPlugin`).
     """
 
-    def __init__(self, settings: BrokerSettings | None = None) -> None:
-        """Prepare a broker; nothing listens until it is entered or `start` is awaited."""
+    def __init__(
+        self, settings: BrokerSettings | None = None, *, access: AccessGate | None = None
+    ) -> None:
+        """Prepare a broker; nothing listens until it is entered or `start` is awaited.
+
+        Args:
+            settings: where and how to listen.
+            access: authentication and topic ACL from the directory; without it the broker
+                accepts anonymous clients from loopback addresses only.
+        """
         self.settings = settings or BrokerSettings()
+        self.access = access
         self._state = BrokerState.NEW
         self._broker: Any = None
         self._listeners: list[Listener] = []
@@ -210,7 +220,9 @@ class EmbeddedBroker:
                     "keyfile": str(settings.tls.keyfile),
                 }
             listeners[name] = entry
-        plugins: dict[str, dict[str, Any]] = {_AUTH_PLUGIN: {}}
+        plugins: dict[str, dict[str, Any]] = (
+            self.access.plugin_config() if self.access is not None else {_AUTH_PLUGIN: {}}
+        )
         plugins |= settings.extra_plugins
         return {"listeners": listeners, "plugins": plugins, "timeout_disconnect_delay": 0}
 
@@ -290,6 +302,23 @@ class EmbeddedBroker:
         finally:
             self._state = BrokerState.STOPPED
             logger.info("broker stopped")
+
+    async def disconnect(self, client_id: str) -> bool:
+        """Drop a client's connection now (its last will is published); False if not connected.
+
+        Used when the directory revokes the client's account or device.
+        """
+        if self._state is not BrokerState.RUNNING:
+            return False
+        entry = self._broker.sessions.get(client_id)
+        if entry is None:
+            return False
+        session, handler = entry
+        if not session.transitions.is_connected():
+            return False
+        logger.warning("disconnecting client %r: its credentials were revoked", client_id)
+        await handler.handle_connection_closed()
+        return True
 
     async def __aenter__(self) -> Self:
         """Start the broker."""

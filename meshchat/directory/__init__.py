@@ -31,6 +31,7 @@ from meshchat.directory.policy import (
 from meshchat.directory.rbac import DEPARTMENT_SCOPED, ROLE_PERMISSIONS, can, require
 from meshchat.directory.schema import MIGRATIONS
 from meshchat.directory.store import DIRECTORY_FILE, Directory, parse_group_path
+from meshchat.directory.watch import DirectoryWatcher, PolicyListener
 
 __all__ = [
     "DEPARTMENT_SCOPED",
@@ -47,9 +48,11 @@ __all__ = [
     "Device",
     "Directory",
     "DirectorySnapshot",
+    "DirectoryWatcher",
     "Group",
     "GroupKind",
     "Permission",
+    "PolicyListener",
     "Principal",
     "PrincipalKind",
     "Role",

@@ -3,42 +3,71 @@
 from __future__ import annotations
 
 import os
-import select
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-__all__ = ["MESHCHAT", "UpProcess", "read_line_matching"]
+__all__ = ["MESHCHAT", "LineReader", "UpProcess", "read_line_matching"]
 
 MESHCHAT = str(Path(sys.executable).with_name("meshchat"))
 
 
+class LineReader:
+    """Reads a text pipe on a thread, so a test can wait for a line with a deadline.
+
+    (select() on the pipe is not enough: the text wrapper may already hold the next lines.)
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        """Start reading `stream` until it ends."""
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        with stream:
+            for line in stream:
+                self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def rest(self, timeout: float = 20.0) -> list[str]:
+        """Every line until the stream ends."""
+        self._thread.join(timeout)
+        found: list[str] = []
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                return found
+            if line is not None:
+                found.append(line)
+
+
 def read_line_matching(
-    stream: object, needle: str, *, timeout: float = 20.0
+    reader: LineReader, needle: str, *, timeout: float = 20.0
 ) -> tuple[str, list[str]]:
-    """Read lines from a text pipe until one contains `needle`; return it and all lines read."""
-    assert hasattr(stream, "readline")
-    assert hasattr(stream, "fileno")
+    """Wait for a line that contains `needle`; return it and every line read up to it."""
     deadline = time.monotonic() + timeout
     lines: list[str] = []
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        try:
+            line = reader.lines.get(timeout=max(remaining, 0.001))
+        except queue.Empty:
             msg = f"no line with {needle!r} within {timeout} s; read: {lines}"
-            raise TimeoutError(msg)
-        ready, _, _ = select.select([stream], [], [], remaining)
-        if not ready:
-            continue
-        line: str = stream.readline()
-        if not line:
+            raise TimeoutError(msg) from None
+        if line is None:
             msg = f"stream ended before a line with {needle!r}; read: {lines}"
             raise EOFError(msg)
-        lines.append(line.rstrip("\n"))
+        lines.append(line)
         if needle in line:
-            return line.rstrip("\n"), lines
+            return line, lines
 
 
 @dataclass
@@ -47,6 +76,7 @@ class UpProcess:
 
     args: list[str]
     process: subprocess.Popen[str] = field(init=False)
+    stdout: LineReader = field(init=False)
     stdout_lines: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -59,10 +89,12 @@ class UpProcess:
             text=True,
             env=env,
         )
+        assert self.process.stdout is not None
+        self.stdout = LineReader(self.process.stdout)
 
     def wait_ready(self, timeout: float = 20.0) -> dict[str, str]:
         """Wait for the 'Press Ctrl-C' line; return the listener URLs by scheme."""
-        _, lines = read_line_matching(self.process.stdout, "Press Ctrl-C", timeout=timeout)
+        _, lines = read_line_matching(self.stdout, "Press Ctrl-C", timeout=timeout)
         self.stdout_lines += lines
         urls: dict[str, str] = {}
         for line in lines:
@@ -74,16 +106,22 @@ class UpProcess:
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> tuple[int, str, str]:
         """Send `signum`, wait for the exit, and return (exit code, rest of stdout, stderr)."""
         self.process.send_signal(signum)
-        out, err = self.process.communicate(timeout=timeout)
-        return self.process.returncode, out, err
+        return self.finish(timeout)
 
     def finish(self, timeout: float = 20.0) -> tuple[int, str, str]:
-        """Wait for the process to end on its own."""
-        out, err = self.process.communicate(timeout=timeout)
-        return self.process.returncode, out, err
+        """Wait for the process to end on its own; return (exit code, rest of stdout, stderr)."""
+        assert self.process.stderr is not None
+        code = self.process.wait(timeout=timeout)
+        out = "\n".join(self.stdout.rest(timeout))
+        err = self.process.stderr.read()
+        self.process.stderr.close()
+        return code, out, err
 
     def kill(self) -> None:
         """Make sure the process is gone."""
         if self.process.poll() is None:
             self.process.kill()
-            self.process.communicate()
+            self.process.wait()
+        self.stdout.rest()
+        if self.process.stderr is not None and not self.process.stderr.closed:
+            self.process.stderr.close()

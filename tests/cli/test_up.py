@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from meshchat.directory import Directory
 from tests.brokers import MOSQUITTO_MISSING
-from tests.cli.running import UpProcess, read_line_matching
+from tests.cli.running import MESHCHAT, LineReader, UpProcess, read_line_matching
 from tests.mqtt import unique_topic
 
 
@@ -32,65 +33,105 @@ def _port(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
-def test_up_prints_listeners_and_the_anonymous_warning(
+def test_first_run_creates_the_org_and_prints_the_admin_password_once(
     running_up: tuple[UpProcess, dict[str, str], Path],
 ) -> None:
     up, urls, data = running_up
     assert set(urls) == {"mqtt", "ws"}
-    assert any("warning: no authentication yet" in line for line in up.stdout_lines)
     assert any(str(data) in line for line in up.stdout_lines)
+    assert not any("warning" in line for line in up.stdout_lines)
     runtime = json.loads((data / "up.json").read_text())
     assert runtime["listeners"] == [urls["mqtt"], urls["ws"]]
     assert runtime["pid"] == up.process.pid
+    password = _admin_password(up.stdout_lines)
+    with Directory(data / "directory.db") as directory:
+        assert directory.org == "demo"
+        assert directory.authenticate_password("admin", password).role.value == "admin"
+    assert up.stop()[0] == 0
+    again = UpProcess(["--port", "0", "--data", str(data)])
+    try:
+        again.wait_ready()
+        assert not any("password" in line for line in again.stdout_lines)
+    finally:
+        again.kill()
 
 
-def test_mosquitto_clients_exchange_a_message_through_up(
-    running_up: tuple[UpProcess, dict[str, str], Path],
-) -> None:
+def _admin_password(lines: list[str]) -> str:
+    found = [line.split("password:", 1)[1].strip() for line in lines if "password:" in line]
+    assert len(found) == 1, lines
+    return found[0]
+
+
+def _mosquitto_clients() -> tuple[str, str]:
     sub_bin, pub_bin = shutil.which("mosquitto_sub"), shutil.which("mosquitto_pub")
     if sub_bin is None or pub_bin is None:
         pytest.skip(MOSQUITTO_MISSING)
-    _, urls, _ = running_up
-    port = str(_port(urls["mqtt"]))
-    topic = unique_topic("mc/demo")
+    return sub_bin, pub_bin
+
+
+def _exchange(port: int, topic: str, sub_auth: list[str], pub_auth: list[str]) -> str:
+    """mosquitto_sub waits for one message that mosquitto_pub sends; returns what it printed."""
+    sub_bin, pub_bin = _mosquitto_clients()
+    common = ["-h", "127.0.0.1", "-p", str(port), "-t", topic, "-q", "1"]
     # stdbuf: mosquitto_sub's stdio is block-buffered on a pipe; we need its SUBACK line at once.
     subscriber = subprocess.Popen(
-        [
-            "stdbuf",
-            "-oL",
-            sub_bin,
-            "-d",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            port,
-            "-t",
-            topic,
-            "-q",
-            "1",
-            "-C",
-            "1",
-            "-W",
-            "20",
-        ],
+        ["stdbuf", "-oL", sub_bin, "-d", *common, *sub_auth, "-C", "1", "-W", "20"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert subscriber.stdout is not None
+    output = LineReader(subscriber.stdout)
     try:
-        read_line_matching(subscriber.stdout, "SUBACK")
-        subprocess.run(
-            [pub_bin, "-h", "127.0.0.1", "-p", port, "-t", topic, "-q", "1", "-m", "shift starts"],
-            check=True,
-            timeout=20,
-        )
-        received, _ = read_line_matching(subscriber.stdout, "shift starts")
-        assert received.strip() == "shift starts"
+        read_line_matching(output, "SUBACK")
+        subprocess.run([pub_bin, *common, *pub_auth, "-m", "shift starts"], check=True, timeout=20)
+        received, _ = read_line_matching(output, "shift starts")
         assert subscriber.wait(timeout=20) == 0
+        return received.strip()
     finally:
         if subscriber.poll() is None:
             subscriber.kill()
-        subscriber.communicate()
+        subscriber.wait()
+        output.rest()
+
+
+def _meshchat(data: Path, *args: str, stdin: str | None = None) -> None:
+    subprocess.run(
+        [MESHCHAT, *args, "--data", str(data)], input=stdin, text=True, check=True, timeout=60
+    )
+
+
+def test_mosquitto_clients_exchange_a_message_as_directory_users(
+    running_up: tuple[UpProcess, dict[str, str], Path],
+) -> None:
+    _mosquitto_clients()
+    _, urls, data = running_up
+    # The README's next steps, run while the server is up.
+    _meshchat(
+        data, "user", "add", "alice", "--dept", "ops", "--password-stdin", stdin="alice pass\n"
+    )
+    _meshchat(data, "group", "create", "ops/general")
+    _meshchat(data, "group", "add", "ops/general", "alice")
+    alice = ["-u", "alice", "-P", "alice pass"]
+    received = _exchange(
+        _port(urls["mqtt"]),
+        "mc/demo/ops/general",
+        [*alice, "-i", "alice.sub"],
+        [*alice, "-i", "alice.pub"],
+    )
+    assert received == "shift starts"
+
+
+def test_anonymous_mode_warns_and_lets_loopback_clients_in(tmp_path: Path) -> None:
+    _mosquitto_clients()
+    up = UpProcess(["--port", "0", "--anonymous", "--data", str(tmp_path / "data")])
+    try:
+        urls = up.wait_ready()
+        assert any("warning: --anonymous" in line for line in up.stdout_lines)
+        assert not (tmp_path / "data" / "directory.db").exists()
+        assert _exchange(_port(urls["mqtt"]), unique_topic("any"), [], []) == "shift starts"
+    finally:
+        up.kill()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
