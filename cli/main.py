@@ -9,6 +9,7 @@ import typer
 import meshchat
 from cli.audit import audit_app
 from cli.common import console
+from cli.depts import dept_app
 from cli.groups import group_app
 from cli.org import org_app
 from cli.roles import role_app
@@ -28,6 +29,7 @@ app = typer.Typer(
 app.command()(up)
 app.add_typer(org_app, name="org")
 app.add_typer(user_app, name="user")
+app.add_typer(dept_app, name="dept")
 app.add_typer(group_app, name="group")
 app.add_typer(site_app, name="site")
 app.add_typer(role_app, name="role")

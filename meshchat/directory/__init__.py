@@ -8,6 +8,13 @@ from meshchat.directory.credentials import (
     verify_password,
     verify_token,
 )
+from meshchat.directory.hrimport import (
+    ImportFile,
+    ImportPlan,
+    ImportRow,
+    plan_import,
+    read_import,
+)
 from meshchat.directory.model import (
     Department,
     Device,
@@ -51,6 +58,9 @@ __all__ = [
     "DirectoryWatcher",
     "Group",
     "GroupKind",
+    "ImportFile",
+    "ImportPlan",
+    "ImportRow",
     "Permission",
     "PolicyListener",
     "Principal",
@@ -65,6 +75,8 @@ __all__ = [
     "hash_token",
     "new_token",
     "parse_group_path",
+    "plan_import",
+    "read_import",
     "require",
     "verify_chain",
     "verify_password",

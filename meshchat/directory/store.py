@@ -11,7 +11,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Self
 
@@ -26,6 +26,7 @@ from meshchat.directory.audit import (
     verify_chain,
 )
 from meshchat.directory.credentials import hash_password, hash_token, new_token, verify_password
+from meshchat.directory.hrimport import ImportFile, ImportPlan, plan_import
 from meshchat.directory.model import (
     Department,
     Device,
@@ -227,6 +228,20 @@ class Directory:
             self.db.table("departments").insert({"name": dept, "created_at": float(self._clock())})
             self._audit(actor, "department.create", dept)
 
+    def add_department(self, actor: str, name: str) -> Department:
+        """Create a department.
+
+        Raises:
+            PermissionDeniedError: `actor` lacks ``user.manage``.
+            AlreadyExistsError: it exists.
+        """
+        with self._write():
+            rbac.require(self._actor(actor), Permission.USER_MANAGE)
+            if name in {d.name for d in self.departments()}:
+                raise AlreadyExistsError(f"department {name!r} already exists")
+            self._ensure_department(actor, name)
+        return next(d for d in self.departments() if d.name == name)
+
     def departments(self) -> list[Department]:
         """Every department, by name."""
         return [
@@ -372,6 +387,104 @@ class Directory:
                 )
                 self._audit(actor, "user.role", name, before=before.role.value, after=role.value)
         return self.user(name)
+
+    def set_display_name(self, actor: str, name: str, display_name: str) -> None:
+        """Change a user's display name.
+
+        Raises:
+            PermissionDeniedError: `actor` is someone else and lacks ``user.manage``.
+        """
+        with self._write():
+            if actor != name:
+                rbac.require(self._actor(actor), Permission.USER_MANAGE)
+            before = self.user(name)
+            if before.display_name != display_name:
+                self.db.table("users").update(
+                    name, {"display_name": display_name, "updated_at": float(self._clock())}
+                )
+                self._audit(actor, "user.rename", name, after=display_name)
+
+    def plan_import(self, actor: str, wanted: ImportFile) -> ImportPlan:
+        """What importing `wanted` would change (nothing is written).
+
+        Raises:
+            PermissionDeniedError: `actor` lacks ``org.import``.
+            ImportFileError: a row cannot be applied (its line is named).
+        """
+        with self._read():
+            rbac.require(self._actor(actor), Permission.ORG_IMPORT)
+            current = {user.name: user for user in self.users(include_revoked=True)}
+            departments = {dept.name for dept in self.departments()}
+            return plan_import(wanted, current, departments, actor=actor)
+
+    def apply_import(
+        self,
+        actor: str,
+        wanted: ImportFile,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> ImportPlan:
+        """Make the directory match an HR file, in one transaction; returns what changed.
+
+        Offboarded users are revoked, leave their groups and those groups rotate keys.
+
+        Args:
+            actor: the admin importing.
+            wanted: the checked HR file.
+            progress: called with the number of changes applied so far.
+
+        Raises:
+            PermissionDeniedError: `actor` lacks ``org.import``.
+            ImportFileError: a row cannot be applied; nothing was written.
+        """
+        done = 0
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done)
+
+        with self._write():
+            plan = self.plan_import(actor, wanted)
+            if plan.empty:
+                return plan
+            for dept in plan.departments:
+                self._ensure_department(actor, dept)
+                step()
+            for row in plan.onboard:
+                self._insert_user(
+                    actor,
+                    row.user,
+                    dept=row.dept,
+                    role=row.role or Role.MEMBER,
+                    password_hash=None,
+                    display_name=row.display_name or "",
+                )
+                step()
+            for user, _, dept in plan.move:
+                self.move_user(actor, user, dept)
+                step()
+            for user, _, role in plan.role:
+                self.set_role(actor, user, role)
+                step()
+            for user, display_name in plan.rename:
+                self.set_display_name(actor, user, display_name)
+                step()
+            for user in plan.offboard:
+                self.remove_user(actor, user)
+                step()
+            self._audit(
+                actor,
+                "org.import",
+                self.org,
+                onboard=len(plan.onboard),
+                move=len(plan.move),
+                role=len(plan.role),
+                rename=len(plan.rename),
+                offboard=len(plan.offboard),
+            )
+        return plan
 
     def move_user(self, actor: str, name: str, dept: str) -> User:
         """Move a user to another department (created when new).

@@ -12,7 +12,7 @@ import pytest
 
 from meshchat.broker import BrokerSettings
 from meshchat.datadir import DataDir
-from meshchat.directory import Directory, Role
+from meshchat.directory import Directory, Role, read_import
 from meshchat.server import SiteServer
 
 GROUP = "mc/acme/ops/line1"
@@ -149,3 +149,21 @@ async def test_announcement_group_only_lets_permitted_roles_post(site: Site) -> 
         await carol.publish(news, b"from a member", qos=1)
         await bob.publish(news, b"from the manager", qos=1)
         assert (await _first_message(bob)).payload == b"from the manager"
+
+
+async def test_offboarding_through_org_import_disconnects_within_a_second(
+    site: Site, tmp_path: Path
+) -> None:
+    hr = tmp_path / "hr.csv"
+    hr.write_text("user,dept,role\nroot,admin,admin\nbob,ops,manager\nerin,ops,member\n")
+    async with site.client("carol") as carol, site.client("erin") as erin:
+        await carol.subscribe(GROUP, qos=1)
+        plan = site.directory.apply_import("root", read_import(hr))
+        assert plan.offboard == ("carol",)
+        with pytest.raises(aiomqtt.MqttError):
+            await _first_message(carol, deadline=1.5)
+        # erin, still in the file, stays connected and can still publish her key record.
+        await erin.publish("mc/acme/_k/erin", b"still here", qos=1)
+    with pytest.raises(aiomqtt.MqttCodeError):
+        async with site.client("carol"):
+            pass

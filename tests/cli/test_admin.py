@@ -142,3 +142,30 @@ def test_audit_show_and_verify(meshchat: Meshchat) -> None:
     )
     assert result.exit_code == 1
     assert json.loads(result.output)["first_bad_row"] == 5
+
+
+def test_org_import_dry_run_then_apply(meshchat: Meshchat, tmp_path: Path) -> None:
+    hr = tmp_path / "hr.csv"
+    hr.write_text("user,dept,role\nroot,it,admin\nbob,ops,manager\nerin,ops,\n")
+    preview = meshchat("org", "import", str(hr), "--dry-run")
+    assert "onboard" in preview
+    assert "offboard" in preview
+    assert "would make 2 change(s)" in preview
+    users = meshchat.json("user", "list")
+    assert isinstance(users, list)
+    assert [u["name"] for u in users] == ["bob", "carol", "root"]
+    applied = meshchat.json("org", "import", str(hr))
+    assert isinstance(applied, dict)
+    assert applied["offboard"] == ["carol"]
+    assert [o["user"] for o in applied["onboard"]] == ["erin"]
+    assert "Nothing to change" in meshchat("org", "import", str(hr))
+
+
+def test_org_import_bad_row_is_one_line_with_its_number(meshchat: Meshchat, tmp_path: Path) -> None:
+    hr = tmp_path / "hr.csv"
+    hr.write_text("user,dept\nroot,it\nerin,legal\n")
+    output = meshchat("org", "import", str(hr), code=1)
+    assert output.startswith("error: line 3: department 'legal' is unknown")
+    meshchat("dept", "add", "legal")
+    # erin joins legal; bob and carol, missing from the file, would be offboarded
+    assert "would make 3 change(s)" in meshchat("org", "import", str(hr), "--dry-run")
