@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
@@ -125,6 +125,52 @@ def remove(
     with open_directory(data) as directory:
         removed = directory.remove_members(actor_of(directory, as_user), path, users)
     console.print(f"Removed {', '.join(removed) or 'nobody'} from {path}.")
+
+
+@group_app.command("policy")
+def policy(
+    path: GroupArg,
+    retention: Annotated[
+        str | None,
+        typer.Option("--retention", help="Keep history this long (e.g. 90d), or 'forever'."),
+    ] = None,
+    legal_hold: Annotated[
+        bool | None,
+        typer.Option(
+            "--legal-hold/--no-legal-hold", help="Keep everything regardless of retention."
+        ),
+    ] = None,
+    compliance: Annotated[
+        bool | None,
+        typer.Option("--compliance/--no-compliance", help="Compliance copy of every chain."),
+    ] = None,
+    as_user: AsOption = None,
+    data: DataOption = DEFAULT_DATA,
+    json_output: JsonOption = False,
+) -> None:
+    """Change a group's retention, legal hold or compliance copy (admins; audited)."""
+    days: int | Literal["keep"] | None = "keep"
+    if retention is not None:
+        try:
+            days = None if retention == "forever" else parse_days(retention)
+        except ConfigError as exc:
+            fail(str(exc), code=2)
+    with open_directory(data) as directory:
+        group = directory.set_policy(
+            actor_of(directory, as_user),
+            path,
+            retention_days=days,
+            legal_hold=legal_hold,
+            compliance=compliance,
+        )
+    if json_output:
+        emit_json(group_json(group))
+        return
+    retention_text = f"{group.retention_days} days" if group.retention_days else "forever"
+    console.print(
+        f"{group.path}: retention {retention_text}, legal hold "
+        f"{'on' if group.legal_hold else 'off'}, compliance {'on' if group.compliance else 'off'}."
+    )
 
 
 @group_app.command("show")

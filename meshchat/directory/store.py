@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Final, Literal, Self
 
 from sqlite_utils import Database
 
@@ -843,6 +843,49 @@ class Directory:
                 )
                 self._audit(actor, "group.remove", path, users=removed)
         return removed
+
+    def set_policy(
+        self,
+        actor: str,
+        path: str,
+        *,
+        retention_days: int | Literal["keep"] | None = "keep",
+        legal_hold: bool | None = None,
+        compliance: bool | None = None,
+    ) -> Group:
+        """Change a group's retention, legal hold or compliance copy (admins only).
+
+        Args:
+            actor: who changes it.
+            path: the group, ``dept/name``.
+            retention_days: days to keep history, None for forever, "keep" to leave it.
+            legal_hold: keep everything regardless of retention while set.
+            compliance: give the compliance key a copy of every chain.
+
+        Raises:
+            PermissionDeniedError: `actor` lacks ``retention.manage``.
+        """
+        if isinstance(retention_days, int) and retention_days < 1:
+            raise DirectoryError("retention must be at least one day")
+        dept, name = parse_group_path(path)
+        with self._write():
+            rbac.require(self._actor(actor), Permission.RETENTION_MANAGE)
+            before = self.group(path)
+            changes: dict[str, Any] = {}
+            if retention_days not in ("keep", before.retention_days):
+                changes["retention_days"] = retention_days
+            if legal_hold is not None and legal_hold != before.legal_hold:
+                changes["legal_hold"] = legal_hold
+            if compliance is not None and compliance != before.compliance:
+                changes["compliance"] = compliance
+            if changes:
+                row = self._group_row(dept, name)
+                assert row is not None
+                self.db.table("groups").update(
+                    row["id"], {k: int(v) if isinstance(v, bool) else v for k, v in changes.items()}
+                )
+                self._audit(actor, "group.policy", path, **changes)
+        return self.group(path)
 
     # -- sites -------------------------------------------------------------------------------
 

@@ -169,3 +169,19 @@ def test_org_import_bad_row_is_one_line_with_its_number(meshchat: Meshchat, tmp_
     meshchat("dept", "add", "legal")
     # erin joins legal; bob and carol, missing from the file, would be offboarded
     assert "would make 3 change(s)" in meshchat("org", "import", str(hr), "--dry-run")
+
+
+def test_group_policy_changes_are_admin_only_and_audited(meshchat: Meshchat) -> None:
+    meshchat("group", "create", "ops/line1", "--as", "bob")
+    changed = meshchat.json("group", "policy", "ops/line1", "--retention", "3y", "--legal-hold")
+    assert isinstance(changed, dict)
+    assert (changed["retention_days"], changed["legal_hold"]) == (1095, True)
+    denied = meshchat("group", "policy", "ops/line1", "--retention", "1d", "--as", "bob", code=1)
+    assert "retention.manage" in denied
+    entries = meshchat.json("audit", "show", "--last", "1")
+    assert isinstance(entries, list)
+    assert entries[0]["action"] == "group.policy"
+    assert entries[0]["details"] == {"legal_hold": True, "retention_days": 1095}
+    forever = meshchat.json("group", "policy", "ops/line1", "--retention", "forever")
+    assert isinstance(forever, dict)
+    assert forever["retention_days"] is None
