@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -10,7 +11,14 @@ from typing import Final
 import nacl.exceptions
 import nacl.pwhash
 
-__all__ = ["hash_password", "hash_token", "new_token", "verify_password", "verify_token"]
+__all__ = [
+    "hash_password",
+    "hash_token",
+    "mosquitto_hash",
+    "new_token",
+    "verify_password",
+    "verify_token",
+]
 
 _TOKEN_PERSON: Final = b"meshchat-token1"
 MIN_PASSWORD_LEN: Final = 8
@@ -42,6 +50,23 @@ def verify_password(stored: str | None, password: str) -> bool:
         return bool(nacl.pwhash.verify(stored.encode("ascii"), password.encode("utf-8")))
     except (nacl.exceptions.InvalidkeyError, nacl.exceptions.CryptoError, ValueError):
         return False
+
+
+MOSQUITTO_PASSWORD_ITERATIONS: Final = 210_000
+"""PBKDF2-SHA512 rounds for passwords in Mosquitto's password file (OWASP's 2023 figure)."""
+MOSQUITTO_TOKEN_ITERATIONS: Final = 1_000
+"""Tokens are 256-bit random: no dictionary to slow down, so few rounds keep connects cheap."""
+
+
+def mosquitto_hash(secret: str, *, iterations: int = MOSQUITTO_PASSWORD_ITERATIONS) -> str:
+    """The secret in Mosquitto's password-file format (``$7$``: PBKDF2-SHA512, 12-byte salt).
+
+    An external Mosquitto cannot check argon2id, so the directory keeps this second hash for
+    `meshchat deploy mosquitto`; it is never used by the embedded broker.
+    """
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", secret.encode("utf-8"), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def new_token() -> str:

@@ -101,3 +101,10 @@ def _initial(db: Database) -> None:
         pk="seq",
         not_null={"ts", "actor", "action", "target", "details", "prev_hash", "hash"},
     )
+
+
+@MIGRATIONS(name="0002_broker_hashes")
+def _broker_hashes(db: Database) -> None:
+    """Mosquitto-format hashes beside argon2id, for `meshchat deploy mosquitto`."""
+    db.table("users").add_column("broker_hash", str)
+    db.table("devices").add_column("broker_hash", str)

@@ -25,7 +25,14 @@ from meshchat.directory.audit import (
     chain_hash,
     verify_chain,
 )
-from meshchat.directory.credentials import hash_password, hash_token, new_token, verify_password
+from meshchat.directory.credentials import (
+    MOSQUITTO_TOKEN_ITERATIONS,
+    hash_password,
+    hash_token,
+    mosquitto_hash,
+    new_token,
+    verify_password,
+)
 from meshchat.directory.hrimport import ImportFile, ImportPlan, plan_import
 from meshchat.directory.model import (
     Department,
@@ -67,6 +74,11 @@ def parse_group_path(path: str) -> tuple[str, str]:
         raise TopicError(f"group {path!r} must be written DEPT/GROUP", part="group", value=path)
     dept, name = parts
     return validate_name(dept, "department name"), validate_name(name, "group name")
+
+
+def _hash_pair(password: str) -> tuple[str, str]:
+    """argon2id for the embedded broker and logins; Mosquitto's format for external brokers."""
+    return hash_password(password), mosquitto_hash(password)
 
 
 def _directory_error(exc: sqlite3.Error, path: Path) -> DirectoryError:
@@ -182,7 +194,7 @@ class Directory:
             ValueError: the password is too short or too long.
         """
         validate_name(org, "org name")
-        password_hash = hash_password(password)
+        hashes = _hash_pair(password)
         with self._write():
             if self.initialized:
                 raise AlreadyExistsError(f"the directory already holds the org {self.org!r}")
@@ -195,7 +207,7 @@ class Directory:
                 admin,
                 dept=dept,
                 role=Role.ADMIN,
-                password_hash=password_hash,
+                hashes=hashes,
                 display_name="",
             )
         return self.user(admin)
@@ -258,7 +270,7 @@ class Directory:
         *,
         dept: str,
         role: Role,
-        password_hash: str | None,
+        hashes: tuple[str, str] | None,
         display_name: str,
     ) -> None:
         validate_name(name, "user name")
@@ -275,7 +287,8 @@ class Directory:
                 "role": role.value,
                 "status": UserStatus.ACTIVE.value,
                 "display_name": display_name,
-                "password_hash": password_hash,
+                "password_hash": hashes[0] if hashes else None,
+                "broker_hash": hashes[1] if hashes else None,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -343,7 +356,7 @@ class Directory:
             PermissionDeniedError: `actor` lacks ``user.manage``.
             AlreadyExistsError: the name is taken (also by a revoked account).
         """
-        password_hash = hash_password(password) if password is not None else None
+        hashes = _hash_pair(password) if password is not None else None
         with self._write():
             rbac.require(self._actor(actor), Permission.USER_MANAGE)
             self._insert_user(
@@ -351,7 +364,7 @@ class Directory:
                 name,
                 dept=dept,
                 role=role,
-                password_hash=password_hash,
+                hashes=hashes,
                 display_name=display_name,
             )
         return self.user(name)
@@ -362,13 +375,14 @@ class Directory:
         Raises:
             PermissionDeniedError: `actor` is someone else and lacks ``user.manage``.
         """
-        password_hash = hash_password(password)
+        argon, broker = _hash_pair(password)
         with self._write():
             if actor != name:
                 rbac.require(self._actor(actor), Permission.USER_MANAGE)
             self.user(name)
             self.db.table("users").update(
-                name, {"password_hash": password_hash, "updated_at": float(self._clock())}
+                name,
+                {"password_hash": argon, "broker_hash": broker, "updated_at": float(self._clock())},
             )
             self._audit(actor, "user.password", name)
 
@@ -458,7 +472,7 @@ class Directory:
                     row.user,
                     dept=row.dept,
                     role=row.role or Role.MEMBER,
-                    password_hash=None,
+                    hashes=None,
                     display_name=row.display_name or "",
                 )
                 step()
@@ -533,11 +547,13 @@ class Directory:
                     "UPDATE groups SET rotation_pending = 1 WHERE id = ?", (group_id,)
                 )
             self.db.conn.execute(
-                "UPDATE users SET status = ?, password_hash = NULL, updated_at = ? WHERE name = ?",
+                "UPDATE users SET status = ?, password_hash = NULL, broker_hash = NULL, "
+                "updated_at = ? WHERE name = ?",
                 (UserStatus.REVOKED.value, float(self._clock()), name),
             )
             self.db.conn.execute(
-                "UPDATE devices SET status = ?, token_hash = NULL WHERE owner = ?",
+                "UPDATE devices SET status = ?, token_hash = NULL, broker_hash = NULL "
+                "WHERE owner = ?",
                 (UserStatus.REVOKED.value, name),
             )
             self._audit(actor, "user.remove", name, groups=left)
@@ -591,6 +607,7 @@ class Directory:
                     "kind": kind,
                     "status": UserStatus.ACTIVE.value,
                     "token_hash": hash_token(token),
+                    "broker_hash": mosquitto_hash(token, iterations=MOSQUITTO_TOKEN_ITERATIONS),
                     "created_at": float(self._clock()),
                 }
             )
@@ -621,7 +638,8 @@ class Directory:
             if actor != rows[0]["owner"]:
                 rbac.require(self._actor(actor), Permission.USER_MANAGE)
             self.db.conn.execute(
-                "UPDATE devices SET status = ?, token_hash = NULL WHERE name = ?",
+                "UPDATE devices SET status = ?, token_hash = NULL, broker_hash = NULL "
+                "WHERE name = ?",
                 (UserStatus.REVOKED.value, name),
             )
             self._audit(actor, "device.revoke", name)
@@ -664,6 +682,23 @@ class Directory:
             yield
         finally:
             conn.execute("COMMIT")
+
+    def broker_credentials(self) -> dict[str, str]:
+        """Mosquitto-format hashes by MQTT user name: active users, and device accounts.
+
+        Device accounts log in as themselves with their token. Devices registered to a person
+        are not listed: a Mosquitto password file holds one secret per user name.
+        """
+        users = self.db.conn.execute(
+            "SELECT name, broker_hash FROM users WHERE status = ? AND broker_hash IS NOT NULL",
+            (UserStatus.ACTIVE.value,),
+        ).fetchall()
+        devices = self.db.conn.execute(
+            "SELECT name, broker_hash FROM devices WHERE status = ? AND name = owner "
+            "AND broker_hash IS NOT NULL",
+            (UserStatus.ACTIVE.value,),
+        ).fetchall()
+        return dict(users) | dict(devices)
 
     # -- groups ------------------------------------------------------------------------------
 

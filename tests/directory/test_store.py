@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -29,12 +31,13 @@ def test_org_init_creates_admin_and_refuses_a_second_org(directory: Directory) -
         directory.init_org("other", admin="x", password="another password")
 
 
-def test_passwords_are_stored_only_as_argon2id_hashes(directory: Directory) -> None:
-    stored = directory.db.conn.execute(
-        "SELECT password_hash FROM users WHERE name='root'"
-    ).fetchone()[0]
+def test_passwords_are_stored_only_as_hashes(directory: Directory) -> None:
+    stored, broker = directory.db.conn.execute(
+        "SELECT password_hash, broker_hash FROM users WHERE name='root'"
+    ).fetchone()
     assert stored.startswith("$argon2id$")
-    assert ADMIN_PASSWORD not in stored
+    assert broker.startswith("$7$210000$")  # Mosquitto's PBKDF2-SHA512 format
+    assert ADMIN_PASSWORD not in stored + broker
     raw = directory.path.read_bytes()
     assert ADMIN_PASSWORD.encode() not in raw
 
@@ -177,4 +180,22 @@ def test_schema_is_migrated_once(tmp_path: Path) -> None:
     Directory(path).close()
     with sqlite3.connect(path) as conn:
         names = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")]
-    assert names == ["0001_initial"]
+    assert names == ["0001_initial", "0002_broker_hashes"]
+
+
+def test_broker_credentials_verify_with_mosquittos_algorithm(directory: Directory) -> None:
+    directory.set_password("root", "carol", "carols password")
+    directory.add_user("root", "van-7", dept="ops", role=Role.DEVICE)
+    token = directory.add_device("root", "van-7", owner="van-7", kind="vehicle")
+    directory.add_device("carol", "carol-phone", owner="carol")
+    credentials = directory.broker_credentials()
+    assert set(credentials) == {"root", "carol", "van-7"}  # no password, no entry; no phones
+    for name, secret in (("carol", "carols password"), ("van-7", token)):
+        _, algorithm, rounds, salt, digest = credentials[name].split("$")
+        assert algorithm == "7"
+        expected = hashlib.pbkdf2_hmac(
+            "sha512", secret.encode(), base64.b64decode(salt), int(rounds)
+        )
+        assert base64.b64decode(digest) == expected
+    directory.remove_user("root", "carol")
+    assert "carol" not in directory.broker_credentials()
