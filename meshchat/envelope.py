@@ -41,11 +41,13 @@ from meshchat.errors import EnvelopeError, TopicError
 from meshchat.topics import validate_name
 
 __all__ = [
+    "GUARD_LEN",
     "MAX_BODY_LEN",
     "MAX_ENVELOPE_LEN",
     "MAX_SEALED_LEN",
     "MIN_BODY_LEN",
     "SIG_LEN",
+    "TAG_LEN",
     "VERSION",
     "Codec",
     "Envelope",
@@ -107,6 +109,11 @@ class GroupMessage:
         _check_uint(self.index, MAX_INDEX, "index")
         _check_bytes(self.body, "body", MIN_BODY_LEN, MAX_BODY_LEN)
         _check_bytes(self.sig, "sig", SIG_LEN, SIG_LEN)
+
+    @staticmethod
+    def header() -> bytes:
+        """The header byte of a group message (bound into the AAD)."""
+        return _header(EnvelopeType.GROUP)
 
     def signed_part(self) -> bytes:
         """The bytes the chain key signs: header and every field before the signature."""

@@ -7,6 +7,10 @@ MeshchatError
 ├── ConfigError         a setting, a file or the data directory is unusable
 ├── BrokerError         the embedded broker cannot start or stop
 │   └── AddressInUseError   the port the broker should listen on is taken
+├── E2EEError           end-to-end encryption refused a message or a key
+│   ├── DecryptError            unknown chain, key not available, or authentication failed
+│   ├── DuplicateMessageError   an identical redelivery of a message already read (drop it)
+│   └── ReplayError             a different envelope for a (chain, index) already read
 └── DirectoryError      the org directory refuses or cannot do what was asked
     ├── NotFoundError           no such org, department, user, group, site or device
     ├── AlreadyExistsError      the name is taken
@@ -30,12 +34,16 @@ __all__ = [
     "AuthenticationError",
     "BrokerError",
     "ConfigError",
+    "DecryptError",
     "DirectoryError",
+    "DuplicateMessageError",
+    "E2EEError",
     "EnvelopeError",
     "ImportFileError",
     "MeshchatError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ReplayError",
     "TopicError",
 ]
 
@@ -141,3 +149,29 @@ class AuditChainError(DirectoryError):
         """Create the error for row `seq`."""
         super().__init__(message)
         self.seq = seq
+
+
+class E2EEError(MeshchatError):
+    """End-to-end encryption refused a message or a key."""
+
+
+class DecryptError(E2EEError):
+    """A message cannot be read: unknown chain, key not available, or it failed authentication.
+
+    Attributes:
+        reason: a short machine-readable reason (``"unknown-chain"``, ``"bad-signature"``,
+            ``"bad-ciphertext"``, ``"key-unavailable"``, ``"too-far-ahead"``).
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        """Create the error with its reason."""
+        super().__init__(message)
+        self.reason = reason
+
+
+class DuplicateMessageError(E2EEError):
+    """An identical redelivery of a message already read; drop it silently."""
+
+
+class ReplayError(E2EEError):
+    """A different envelope claims a (chain, index) that was already read: an attack or a bug."""

@@ -4,6 +4,7 @@ from meshchat.directory.audit import GENESIS, AuditEntry, chain_hash, verify_cha
 from meshchat.directory.credentials import (
     hash_password,
     hash_token,
+    mosquitto_hash,
     new_token,
     verify_password,
     verify_token,
@@ -73,6 +74,7 @@ __all__ = [
     "chain_hash",
     "hash_password",
     "hash_token",
+    "mosquitto_hash",
     "new_token",
     "parse_group_path",
     "plan_import",
