@@ -22,7 +22,7 @@ import msgpack
 
 from meshchat.errors import EnvelopeError
 
-__all__ = ["FIELDS", "InnerCodec", "Inner", "Kind", "decode_inner", "encode_inner"]
+__all__ = ["FIELDS", "Inner", "InnerCodec", "Kind", "decode_inner", "encode_inner"]
 
 MAX_INNER_LEN: Final = 256 * 1024
 COMPRESS_FROM: Final = 256

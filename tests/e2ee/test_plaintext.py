@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshchat.e2ee import OutboundChain
-from meshchat.e2ee.plaintext import InnerCodec, Inner, Kind, decode_inner, encode_inner
+from meshchat.e2ee.plaintext import Inner, InnerCodec, Kind, decode_inner, encode_inner
 from meshchat.envelope import encode
 from meshchat.errors import EnvelopeError
 
