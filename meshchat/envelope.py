@@ -23,6 +23,11 @@ Envelope types and their fields:
 - ``SEALED`` (1), a pairwise payload for one device's inbox: ``[sender, sealed, sig(64)]`` where
   ``sender`` is the sending device's name and ``sealed`` a SealedBox ciphertext.
 - ``SIGNED`` (2), a signed public document (roster, key record): ``[signer, payload, sig(64)]``.
+- ``DIST`` (3), one recipient's copy of a chain distribution: ``[sender, statement, key, sig(64)]``
+  where ``statement`` (the group, chain, position, chain verify key and an ephemeral X25519 key)
+  is the same for every recipient of one rekey and signed once, and ``key`` is the chain key
+  encrypted to this recipient (48 bytes). One signature per rekey keeps a 1,000-device rekey
+  within its CPU budget.
 
 Decoding trusts nothing: the whole input is bounded, msgpack is unpacked with strict limits,
 every field is type- and range-checked, only the canonical (shortest) msgpack encoding is
@@ -41,15 +46,18 @@ from meshchat.errors import EnvelopeError, TopicError
 from meshchat.topics import validate_name
 
 __all__ = [
+    "DIST_KEY_LEN",
     "GUARD_LEN",
     "MAX_BODY_LEN",
     "MAX_ENVELOPE_LEN",
     "MAX_SEALED_LEN",
+    "MAX_STATEMENT_LEN",
     "MIN_BODY_LEN",
     "SIG_LEN",
     "TAG_LEN",
     "VERSION",
     "Codec",
+    "Distribution",
     "Envelope",
     "EnvelopeType",
     "GroupMessage",
@@ -70,6 +78,9 @@ MAX_ENVELOPE_LEN: Final = 256 * 1024
 MAX_BODY_LEN: Final = MAX_ENVELOPE_LEN - 128
 MAX_SEALED_LEN: Final = 64 * 1024
 """Pairwise payloads carry keys, requests and short direct messages, never bulk data."""
+MAX_STATEMENT_LEN: Final = 512
+DIST_KEY_LEN: Final = 48
+"""A 32-byte chain key and its 16-byte tag."""
 MAX_CHAIN_ID: Final = 2**32 - 1
 MAX_INDEX: Final = 2**32 - 1
 """Chains rotate every 1000 messages; a 32-bit index leaves a wide margin and bounds the field."""
@@ -86,6 +97,7 @@ class EnvelopeType(enum.IntEnum):
     GROUP = 0
     SEALED = 1
     SIGNED = 2
+    DIST = 3
 
 
 class Codec(enum.IntEnum):
@@ -158,7 +170,24 @@ class Signed:
         return _header(EnvelopeType.SIGNED) + _pack([self.signer, self.payload])
 
 
-Envelope: TypeAlias = GroupMessage | Sealed | Signed
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    """One recipient's copy of a chain distribution."""
+
+    sender: str
+    statement: bytes
+    key: bytes
+    sig: bytes
+
+    def __post_init__(self) -> None:
+        """Check the sender name and the lengths."""
+        _check_name(self.sender, "sender device name")
+        _check_bytes(self.statement, "statement", 1, MAX_STATEMENT_LEN)
+        _check_bytes(self.key, "key", DIST_KEY_LEN, DIST_KEY_LEN)
+        _check_bytes(self.sig, "sig", SIG_LEN, SIG_LEN)
+
+
+Envelope: TypeAlias = GroupMessage | Sealed | Signed | Distribution
 
 
 def _check_uint(value: object, maximum: int, what: str) -> None:
@@ -213,10 +242,19 @@ def encode(envelope: Envelope) -> bytes:
             data = _header(EnvelopeType.SIGNED) + _pack(
                 [envelope.signer, envelope.payload, envelope.sig]
             )
+        case Distribution():
+            data = _header(EnvelopeType.DIST) + _pack(
+                [envelope.sender, envelope.statement, envelope.key, envelope.sig]
+            )
     return data
 
 
-_FIELD_COUNT: Final = {EnvelopeType.GROUP: 4, EnvelopeType.SEALED: 3, EnvelopeType.SIGNED: 3}
+_FIELD_COUNT: Final = {
+    EnvelopeType.GROUP: 4,
+    EnvelopeType.SEALED: 3,
+    EnvelopeType.SIGNED: 3,
+    EnvelopeType.DIST: 4,
+}
 
 
 def _unpack_fields(data: bytes, kind: EnvelopeType) -> list[object]:
@@ -290,6 +328,8 @@ def decode(data: bytes | bytearray | memoryview) -> Envelope:
             envelope = Sealed(*fields)  # type: ignore[arg-type]
         case EnvelopeType.SIGNED:
             envelope = Signed(*fields)  # type: ignore[arg-type]
+        case EnvelopeType.DIST:
+            envelope = Distribution(*fields)  # type: ignore[arg-type]
     # msgpack admits several encodings of one value (an int as fixint or uint32, ...). Accepting
     # only the canonical one makes every envelope's bytes a function of its fields, so a relay
     # cannot re-encode a message into a "different" envelope for the same (chain, index).

@@ -16,6 +16,7 @@ from meshchat.envelope import (
     MAX_ENVELOPE_LEN,
     MAX_SEALED_LEN,
     SIG_LEN,
+    Distribution,
     Envelope,
     EnvelopeType,
     GroupMessage,
@@ -28,10 +29,11 @@ from meshchat.errors import EnvelopeError, MeshchatError
 from meshchat.topics import GroupTopic
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "envelopes.json").read_text("utf-8"))
-CLASSES: dict[str, type[GroupMessage | Sealed | Signed]] = {
+CLASSES: dict[str, type[GroupMessage | Sealed | Signed | Distribution]] = {
     "GroupMessage": GroupMessage,
     "Sealed": Sealed,
     "Signed": Signed,
+    "Distribution": Distribution,
 }
 
 
@@ -39,7 +41,7 @@ def from_vector(vector: dict[str, Any]) -> Envelope:
     cls = CLASSES[vector["type"]]
     fields: dict[str, Any] = {
         name: bytes.fromhex(vector[name])
-        if name in {"body", "sig", "sealed", "payload"}
+        if name in {"body", "sig", "sealed", "payload", "statement", "key"}
         else vector[name]
         for name in cls.__dataclass_fields__
     }
@@ -176,6 +178,13 @@ ENVELOPES: st.SearchStrategy[Envelope] = st.one_of(
     ),
     st.builds(
         Signed, NAMES, st.binary(min_size=1, max_size=300), st.binary(min_size=64, max_size=64)
+    ),
+    st.builds(
+        Distribution,
+        NAMES,
+        st.binary(min_size=1, max_size=512),
+        st.binary(min_size=48, max_size=48),
+        st.binary(min_size=64, max_size=64),
     ),
 )
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import msgpack
 
-from meshchat.envelope import GroupMessage, Sealed, Signed, decode, encode
+from meshchat.envelope import Distribution, GroupMessage, Sealed, Signed, decode, encode
 from meshchat.errors import EnvelopeError
 
 SEED = 20261122
@@ -25,6 +25,7 @@ def _seeds(rng: random.Random) -> list[bytes]:
         ),
         encode(Sealed("laptop-1", rng.randbytes(120), rng.randbytes(64))),
         encode(Signed("dir", rng.randbytes(90), rng.randbytes(64))),
+        encode(Distribution("laptop-1", rng.randbytes(100), rng.randbytes(48), rng.randbytes(64))),
     ]
 
 

@@ -1,4 +1,4 @@
-"""End-to-end encryption, sans-IO: sender-key chains (and, as they land, keys, rosters, sealing)."""
+"""End-to-end encryption, sans-IO: keys, sender-key chains, distributions, inner plaintext."""
 
 from meshchat.e2ee.chain import (
     MAX_CHAIN_AGE,
@@ -10,21 +10,31 @@ from meshchat.e2ee.chain import (
     OutboundChain,
     group_id,
 )
+from meshchat.e2ee.distribution import ReceivedShare, open_distribution, seal_distribution
+from meshchat.e2ee.keys import DOMAINS, BoxKeyPair, SigningKeyPair, sign, verify
 from meshchat.e2ee.plaintext import FIELDS, Inner, InnerCodec, Kind, decode_inner, encode_inner
 
 __all__ = [
+    "DOMAINS",
     "FIELDS",
     "MAX_CHAIN_AGE",
     "MAX_CHAIN_MESSAGES",
     "MAX_FORWARD_JUMP",
     "MAX_SKIPPED_KEYS",
+    "BoxKeyPair",
     "ChainShare",
     "InboundChain",
     "Inner",
     "InnerCodec",
     "Kind",
     "OutboundChain",
+    "ReceivedShare",
+    "SigningKeyPair",
     "decode_inner",
     "encode_inner",
     "group_id",
+    "open_distribution",
+    "seal_distribution",
+    "sign",
+    "verify",
 ]
