@@ -13,10 +13,21 @@ from meshchat.e2ee.chain import (
 from meshchat.e2ee.distribution import ReceivedShare, open_distribution, seal_distribution
 from meshchat.e2ee.keys import DOMAINS, BoxKeyPair, SigningKeyPair, sign, verify
 from meshchat.e2ee.plaintext import FIELDS, Inner, InnerCodec, Kind, decode_inner, encode_inner
+from meshchat.e2ee.roster import (
+    GENESIS_HASH,
+    Roster,
+    RosterError,
+    RosterTracker,
+    SignerCert,
+    certify_signer,
+    sign_roster,
+    verify_signer,
+)
 
 __all__ = [
     "DOMAINS",
     "FIELDS",
+    "GENESIS_HASH",
     "MAX_CHAIN_AGE",
     "MAX_CHAIN_MESSAGES",
     "MAX_FORWARD_JUMP",
@@ -29,12 +40,19 @@ __all__ = [
     "Kind",
     "OutboundChain",
     "ReceivedShare",
+    "Roster",
+    "RosterError",
+    "RosterTracker",
+    "SignerCert",
     "SigningKeyPair",
+    "certify_signer",
     "decode_inner",
     "encode_inner",
     "group_id",
     "open_distribution",
     "seal_distribution",
     "sign",
+    "sign_roster",
     "verify",
+    "verify_signer",
 ]
