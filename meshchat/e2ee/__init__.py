@@ -13,6 +13,15 @@ from meshchat.e2ee.chain import (
 from meshchat.e2ee.distribution import ReceivedShare, open_distribution, seal_distribution
 from meshchat.e2ee.keys import DOMAINS, BoxKeyPair, SigningKeyPair, sign, verify
 from meshchat.e2ee.plaintext import FIELDS, Inner, InnerCodec, Kind, decode_inner, encode_inner
+from meshchat.e2ee.records import (
+    DeviceKeys,
+    IdentityChangedError,
+    KeyDirectory,
+    KeyRecord,
+    KeyRecordError,
+    certify_identity,
+    sign_key_record,
+)
 from meshchat.e2ee.roster import (
     GENESIS_HASH,
     Roster,
@@ -34,9 +43,14 @@ __all__ = [
     "MAX_SKIPPED_KEYS",
     "BoxKeyPair",
     "ChainShare",
+    "DeviceKeys",
+    "IdentityChangedError",
     "InboundChain",
     "Inner",
     "InnerCodec",
+    "KeyDirectory",
+    "KeyRecord",
+    "KeyRecordError",
     "Kind",
     "OutboundChain",
     "ReceivedShare",
@@ -45,6 +59,7 @@ __all__ = [
     "RosterTracker",
     "SignerCert",
     "SigningKeyPair",
+    "certify_identity",
     "certify_signer",
     "decode_inner",
     "encode_inner",
@@ -52,6 +67,7 @@ __all__ = [
     "open_distribution",
     "seal_distribution",
     "sign",
+    "sign_key_record",
     "sign_roster",
     "verify",
     "verify_signer",
