@@ -12,6 +12,13 @@ from meshchat.e2ee.chain import (
 )
 from meshchat.e2ee.distribution import ReceivedShare, open_distribution, seal_distribution
 from meshchat.e2ee.keys import DOMAINS, BoxKeyPair, SigningKeyPair, sign, verify
+from meshchat.e2ee.pairwise import (
+    PairKind,
+    Pairwise,
+    WithheldReason,
+    open_pairwise,
+    seal_pairwise,
+)
 from meshchat.e2ee.plaintext import FIELDS, Inner, InnerCodec, Kind, decode_inner, encode_inner
 from meshchat.e2ee.records import (
     DeviceKeys,
@@ -53,19 +60,24 @@ __all__ = [
     "KeyRecordError",
     "Kind",
     "OutboundChain",
+    "PairKind",
+    "Pairwise",
     "ReceivedShare",
     "Roster",
     "RosterError",
     "RosterTracker",
     "SignerCert",
     "SigningKeyPair",
+    "WithheldReason",
     "certify_identity",
     "certify_signer",
     "decode_inner",
     "encode_inner",
     "group_id",
     "open_distribution",
+    "open_pairwise",
     "seal_distribution",
+    "seal_pairwise",
     "sign",
     "sign_key_record",
     "sign_roster",
