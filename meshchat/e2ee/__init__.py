@@ -12,6 +12,7 @@ from meshchat.e2ee.chain import (
 )
 from meshchat.e2ee.distribution import ReceivedShare, open_distribution, seal_distribution
 from meshchat.e2ee.keys import DOMAINS, BoxKeyPair, SigningKeyPair, sign, verify
+from meshchat.e2ee.keystore import KeyStore, WrongPassphraseError
 from meshchat.e2ee.pairwise import (
     PairKind,
     Pairwise,
@@ -58,6 +59,7 @@ __all__ = [
     "KeyDirectory",
     "KeyRecord",
     "KeyRecordError",
+    "KeyStore",
     "Kind",
     "OutboundChain",
     "PairKind",
@@ -69,6 +71,7 @@ __all__ = [
     "SignerCert",
     "SigningKeyPair",
     "WithheldReason",
+    "WrongPassphraseError",
     "certify_identity",
     "certify_signer",
     "decode_inner",
