@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Self
 
 from meshchat.broker import AccessGate, BrokerSettings, EmbeddedBroker, Listener
+from meshchat.broker.access import ConnectLimit
 from meshchat.directory import DIRECTORY_FILE, AccessPolicy, Directory
 from meshchat.directory.watch import DirectoryWatcher
 
@@ -54,6 +55,7 @@ class SiteServer:
         *,
         org: str = DEFAULT_ORG,
         anonymous: bool = False,
+        connect_limit: ConnectLimit | None = None,
     ) -> None:
         """Prepare a server on `data`; nothing starts until it is entered.
 
@@ -62,10 +64,12 @@ class SiteServer:
             broker: where the broker listens.
             org: the org to create when the data directory has no directory yet.
             anonymous: no authentication or ACL: anonymous clients from loopback only.
+            connect_limit: how often a client may connect (defaults: `ConnectLimit`).
         """
         self.data = data
         self.org = org
         self.anonymous = anonymous
+        self.connect_limit = connect_limit
         self.bootstrap: Bootstrap | None = None
         self.watcher: DirectoryWatcher | None = None
         self._broker_settings = broker or BrokerSettings()
@@ -121,9 +125,8 @@ class SiteServer:
                 self.watcher = await stack.enter_async_context(
                     DirectoryWatcher(self.directory_file)
                 )
-                self.broker = EmbeddedBroker(
-                    self._broker_settings, access=AccessGate(self.watcher.policy)
-                )
+                gate = AccessGate(self.watcher.policy, connect_limit=self.connect_limit)
+                self.broker = EmbeddedBroker(self._broker_settings, access=gate)
                 self.watcher.add_listener(self._on_policy)
             await stack.enter_async_context(self.broker)
             self._write_runtime_file()

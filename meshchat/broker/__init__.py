@@ -1,6 +1,11 @@
 """The embedded MQTT broker (amqtt) and its plugins; it routes envelopes and never holds keys."""
 
-from meshchat.broker.access import AccessGate, DirectoryAuthPlugin, DirectoryTopicPlugin
+from meshchat.broker.access import (
+    AccessGate,
+    ConnectLimit,
+    DirectoryAuthPlugin,
+    DirectoryTopicPlugin,
+)
 from meshchat.broker.embedded import (
     BrokerSettings,
     BrokerState,
@@ -15,6 +20,7 @@ __all__ = [
     "AccessGate",
     "BrokerSettings",
     "BrokerState",
+    "ConnectLimit",
     "DirectoryAuthPlugin",
     "DirectoryTopicPlugin",
     "EmbeddedBroker",

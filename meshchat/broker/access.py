@@ -8,6 +8,7 @@ connected client and a decision cache that is dropped whenever the policy change
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -24,7 +25,7 @@ from meshchat.errors import AuthenticationError, BrokerError
 if TYPE_CHECKING:
     from amqtt.session import Session
 
-__all__ = ["AccessGate", "DirectoryAuthPlugin", "DirectoryTopicPlugin"]
+__all__ = ["AccessGate", "ConnectLimit", "DirectoryAuthPlugin", "DirectoryTopicPlugin"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +39,59 @@ MAX_CACHED_DECISIONS: Final = 100_000
 _GATES: weakref.WeakValueDictionary[str, AccessGate] = weakref.WeakValueDictionary()
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectLimit:
+    """How often one client id, and one remote address, may connect within a window."""
+
+    per_client: int = 10
+    per_address: int = 60
+    window: float = 10.0
+
+
+class _SlidingWindow:
+    """Counts events per key over the last `window` seconds; memory stays bounded."""
+
+    MAX_KEYS: Final = 100_000
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._events: dict[str, collections.deque[float]] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        events = self._events.get(key)
+        if events is None:
+            if len(self._events) >= self.MAX_KEYS:
+                self._prune(now)
+            events = self._events[key] = collections.deque()
+        while events and now - events[0] >= self.window:
+            events.popleft()
+        if len(events) >= self.limit:
+            return False
+        events.append(now)
+        return True
+
+    def _prune(self, now: float) -> None:
+        stale = [k for k, ev in self._events.items() if not ev or now - ev[-1] >= self.window]
+        for key in stale:
+            del self._events[key]
+        if len(self._events) >= self.MAX_KEYS:
+            self._events.clear()  # under a flood of fresh keys, forget rather than grow
+
+
 class AccessGate:
     """What the broker's plugins ask: who is this client, and may it do this?"""
 
-    def __init__(self, policy: AccessPolicy) -> None:
+    def __init__(self, policy: AccessPolicy, *, connect_limit: ConnectLimit | None = None) -> None:
         """Start with `policy`; `update` swaps in newer ones."""
         self.id = uuid.uuid4().hex
         self._policy = policy
         self._principals: dict[str, Principal] = {}
         self._sessions: dict[str, Session] = {}
         self._cache: dict[tuple[str, Action, str], bool] = {}
-        self._disconnect: dict[str, Any] = {}
+        limit = connect_limit or ConnectLimit()
+        self._per_client = _SlidingWindow(limit.per_client, limit.window)
+        self._per_address = _SlidingWindow(limit.per_address, limit.window)
         _GATES[self.id] = self
 
     @staticmethod
@@ -78,6 +121,15 @@ class AccessGate:
         username = session.username
         password = session.password
         policy = self._policy
+        now = time.monotonic()
+        address = str(session.remote_address)
+        if not self._per_address.allow(address, now) or not self._per_client.allow(client_id, now):
+            logger.warning(
+                "refused connection of client %r from %s: it connects too often",
+                client_id,
+                address,
+            )
+            return False
         try:
             principal = await asyncio.to_thread(policy.authenticate, username, password, client_id)
         except AuthenticationError as exc:

@@ -11,6 +11,7 @@ import aiomqtt
 import pytest
 
 from meshchat.broker import BrokerSettings
+from meshchat.broker.access import ConnectLimit
 from meshchat.datadir import DataDir
 from meshchat.directory import Directory, Role, read_import
 from meshchat.server import SiteServer
@@ -167,3 +168,24 @@ async def test_offboarding_through_org_import_disconnects_within_a_second(
     with pytest.raises(aiomqtt.MqttCodeError):
         async with site.client("carol"):
             pass
+
+
+async def test_a_client_that_reconnects_too_often_is_refused_and_others_are_not(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with Directory(data / "directory.db") as directory:
+        directory.init_org("acme", admin="root", password="root password")
+        directory.add_user("root", "carol", dept="ops", password=PASSWORDS["carol"])
+        limit = ConnectLimit(per_client=3, per_address=100, window=600)
+        async with SiteServer(DataDir(data), BrokerSettings(port=0), connect_limit=limit) as server:
+            site = Site(server, directory, server.broker.listener("mqtt").port)
+            for _ in range(3):
+                async with site.client("carol", suffix="flappy"):
+                    pass
+            with pytest.raises(aiomqtt.MqttCodeError):
+                async with site.client("carol", suffix="flappy"):
+                    pass
+            async with site.client("carol", suffix="steady") as steady:
+                await steady.publish("mc/acme/_k/carol", b"still served", qos=1)
