@@ -53,7 +53,8 @@ pytest: $(VENV)/.dev-installed mosquitto ## the test suite
 
 test: lint typecheck contracts pytest ## everything CI runs: lint, types, contracts, tests
 
-bench: $(VENV)/.dev-installed mosquitto ## broker benchmark: embedded amqtt side by side with Mosquitto
+bench: $(VENV)/.dev-installed mosquitto ## benchmarks: broker (beside Mosquitto) and E2EE budgets
+	$(BIN)/python benchmarks/e2ee_bench.py $(ARGS)
 	$(BIN)/python benchmarks/broker_bench.py $(ARGS)
 
 clean: ## remove the virtualenv and caches (not your data)

@@ -5,8 +5,9 @@ A rekey of a 1,000-device group must cost at most 60 ms of CPU and 230 bytes per
 rekey is sealed as one batch:
 
 - one ephemeral X25519 key ``E`` per rekey;
-- one *statement* ``[group topic, chain id, index, chain verify key, E public]``, signed once by
-  the sending device's Ed25519 key (domain ``mc-dist1``);
+- one *statement* ``[group path, chain id, index, chain verify key, E public]``, signed once by
+  the sending device's Ed25519 key (domain ``mc-dist1``); the path is ``dept/group``, the org is
+  the one whose inbox topic carried the copy (leaving ``mc/{org}/`` out saves bytes per copy);
 - per recipient ``R``: the chain key encrypted with XChaCha20-Poly1305 under
   ``BLAKE2b(X25519(E, R) || E || R)``, with the statement and the recipient's name as AAD.
 
@@ -81,12 +82,13 @@ def seal_distribution(
     Raises:
         TopicError: `group_topic` is not a group topic.
     """
-    if not isinstance(parse_topic(group_topic), GroupTopic):
+    group = parse_topic(group_topic)
+    if not isinstance(group, GroupTopic):
         raise TopicError(f"{group_topic!r} is not a group topic", part="topic", value=group_topic)
     ephemeral = nacl.public.PrivateKey.generate()
     ephemeral_public = bytes(ephemeral.public_key)
     statement: bytes = msgpack.packb(
-        [group_topic, share.chain_id, share.index, share.verify_key, ephemeral_public],
+        [group.path, share.chain_id, share.index, share.verify_key, ephemeral_public],
         use_bin_type=True,
     )
     signature = device_key.sign(_DOMAIN, statement)
@@ -130,6 +132,7 @@ def _parse_statement(statement: bytes) -> tuple[str, int, int, bytes, bytes]:
 def open_distribution(
     envelope: Distribution,
     *,
+    org: str,
     recipient: str,
     box_key: BoxKeyPair,
     sender_key: bytes,
@@ -138,6 +141,7 @@ def open_distribution(
 
     Args:
         envelope: what arrived in this device's inbox.
+        org: the org of that inbox (the statement names the group within it).
         recipient: this device's name.
         box_key: this device's X25519 key.
         sender_key: the Ed25519 public key of `envelope.sender`, from its verified key record.
@@ -150,12 +154,13 @@ def open_distribution(
         raise DecryptError(
             f"distribution from {envelope.sender} has a bad signature", reason="bad-signature"
         )
-    topic, chain_id, index, verify_key, ephemeral_public = _parse_statement(envelope.statement)
+    path, chain_id, index, verify_key, ephemeral_public = _parse_statement(envelope.statement)
+    topic = f"mc/{org}/{path}"
     try:
-        if not isinstance(parse_topic(topic), GroupTopic):
-            raise EnvelopeError(f"distribution names {topic!r}, which is not a group")
+        if path.count("/") != 1 or not isinstance(parse_topic(topic), GroupTopic):
+            raise EnvelopeError(f"distribution names {path!r}, which is not a group")
     except TopicError as exc:
-        raise EnvelopeError(f"distribution names a bad topic: {exc}") from exc
+        raise EnvelopeError(f"distribution names a bad group: {exc}") from exc
     shared = nacl.bindings.crypto_box_beforenm(ephemeral_public, box_key.secret)
     key = _recipient_key(shared, ephemeral_public, box_key.public)
     try:

@@ -53,15 +53,27 @@ def test_each_recipient_opens_its_copy_and_reads_the_chain() -> None:
         envelope = decode(wire)
         assert isinstance(envelope, Distribution)
         received = open_distribution(
-            envelope, recipient=device.name, box_key=device.box, sender_key=ALICE.signing.public
+            envelope,
+            org="acme",
+            recipient=device.name,
+            box_key=device.box,
+            sender_key=ALICE.signing.public,
         )
         assert (received.group_topic, received.sender) == (GROUP, ALICE.name)
+        assert GROUP.encode() not in copies[device.name].statement  # the org is implied
         reader = InboundChain.from_share(received.share, sender=received.sender)
         assert reader.decrypt(GROUP, message) == b"hello both"
 
 
 def test_copy_is_within_the_per_recipient_byte_budget() -> None:
-    copies = distribute(OutboundChain.new(now=NOW), BOB)
+    # The benchmark's case: an 11-character sender on a 23-character group topic.
+    copies = seal_distribution(
+        sender="alice-phone",
+        device_key=ALICE.signing,
+        group_topic="mc/acme/ops/night-shift",
+        share=OutboundChain.new(now=NOW).share(),
+        recipients={BOB.name: BOB.box.public},
+    )
     assert len(encode(copies[BOB.name])) <= 230
 
 
@@ -70,6 +82,7 @@ def test_a_copy_for_bob_is_useless_to_carol() -> None:
     with pytest.raises(DecryptError) as caught:
         open_distribution(
             copies[BOB.name],
+            org="acme",
             recipient=CAROL.name,
             box_key=CAROL.box,
             sender_key=ALICE.signing.public,
@@ -78,7 +91,11 @@ def test_a_copy_for_bob_is_useless_to_carol() -> None:
     # Even relabelled as hers (the name is bound into the AAD, the key into the ECDH).
     with pytest.raises(DecryptError):
         open_distribution(
-            copies[BOB.name], recipient=BOB.name, box_key=CAROL.box, sender_key=ALICE.signing.public
+            copies[BOB.name],
+            org="acme",
+            recipient=BOB.name,
+            box_key=CAROL.box,
+            sender_key=ALICE.signing.public,
         )
 
 
@@ -87,7 +104,9 @@ def test_forged_and_altered_distributions_are_refused() -> None:
     mallory = SigningKeyPair.generate()
 
     def opened(envelope: Distribution, sender_key: bytes = ALICE.signing.public) -> None:
-        open_distribution(envelope, recipient=BOB.name, box_key=BOB.box, sender_key=sender_key)
+        open_distribution(
+            envelope, org="acme", recipient=BOB.name, box_key=BOB.box, sender_key=sender_key
+        )
 
     with pytest.raises(DecryptError, match="bad signature"):
         opened(copy, sender_key=mallory.public)  # claims alice, verified against another key
@@ -111,14 +130,14 @@ def test_forged_and_altered_distributions_are_refused() -> None:
 def test_statement_must_name_a_group() -> None:
     copy = distribute(OutboundChain.new(now=NOW), BOB)[BOB.name]
     fields = msgpack.unpackb(copy.statement)
-    fields[0] = "mc/acme/_k/alice"
+    fields[0] = "_k/alice"
     statement = msgpack.packb(fields)
     forged = dataclasses.replace(
         copy, statement=statement, sig=ALICE.signing.sign(b"mc-dist1", statement)
     )
     with pytest.raises(EnvelopeError, match="not a group"):
         open_distribution(
-            forged, recipient=BOB.name, box_key=BOB.box, sender_key=ALICE.signing.public
+            forged, org="acme", recipient=BOB.name, box_key=BOB.box, sender_key=ALICE.signing.public
         )
     with pytest.raises(TopicError):
         seal_distribution(
