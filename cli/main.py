@@ -9,6 +9,7 @@ import typer
 import meshchat
 from cli.audit import audit_app
 from cli.common import console
+from cli.deploy import deploy_app
 from cli.depts import dept_app
 from cli.groups import group_app
 from cli.org import org_app
@@ -34,6 +35,7 @@ app.add_typer(group_app, name="group")
 app.add_typer(site_app, name="site")
 app.add_typer(role_app, name="role")
 app.add_typer(audit_app, name="audit")
+app.add_typer(deploy_app, name="deploy")
 
 
 def _version(value: bool) -> None:

@@ -14,9 +14,16 @@ from meshchat.broker.embedded import (
     Scheme,
     TlsFiles,
 )
+from meshchat.broker.mosquitto import (
+    MOSQUITTO_MAX_PACKET_SIZE,
+    MosquittoFiles,
+    MosquittoOptions,
+    mosquitto_files,
+)
 from meshchat.broker.plugins import LoopbackOnlyAuthPlugin, is_loopback
 
 __all__ = [
+    "MOSQUITTO_MAX_PACKET_SIZE",
     "AccessGate",
     "BrokerSettings",
     "BrokerState",
@@ -26,7 +33,10 @@ __all__ = [
     "EmbeddedBroker",
     "Listener",
     "LoopbackOnlyAuthPlugin",
+    "MosquittoFiles",
+    "MosquittoOptions",
     "Scheme",
     "TlsFiles",
     "is_loopback",
+    "mosquitto_files",
 ]

@@ -1,0 +1,441 @@
+"""Mosquitto 2.0 as an external broker: mosquitto.conf, password and ACL files from the directory.
+
+Pure: `mosquitto_files` turns a `DirectorySnapshot` and the directory's Mosquitto-format hashes
+(`Directory.broker_credentials`) into the text of the three files and does no IO; the CLI
+(`meshchat deploy mosquitto`) writes them. Every per-user ACL line comes from asking the access
+policy (DESIGN.md section 3) about the concrete topics of the directory, so Mosquitto and the
+embedded broker answer alike; the few org-wide lines (key records and presence readable,
+inboxes and service requests writable) are written as single wildcard lines.
+
+What a Mosquitto password and ACL file cannot do, and the generated mosquitto.conf repeats:
+
+- ``use_username_as_clientid``: every connection's client id is its MQTT user name, so nobody
+  can take over another's session, and each account has one connection at a time (a second one
+  takes over the first).
+- Devices registered to a person are not supported: the password file holds one secret per user
+  name, and a person's session (client id = user name) speaks for no device, so people have no
+  ``_d``, ``_p`` or ``_t`` topics of their own. Device accounts (role ``device``, whose device
+  has their name) log in as themselves with their token and have all three.
+- Mosquitto grants every SUBSCRIBE and filters on delivery: a topic the user may not read
+  delivers nothing. The embedded broker refuses the SUBSCRIBE instead, and also refuses wildcard
+  filters other than the public key-record and presence filters, even when every topic they
+  match is readable; Mosquitto grants such a filter and delivers exactly those topics.
+- Offboarding: the embedded broker disconnects a revoked account within a second by itself.
+  Mosquitto does so when the command runs again and Mosquitto gets SIGHUP: it reloads both
+  files and disconnects accounts that are no longer in the password file.
+- meshchat's internal services (archiver, geofence, directory) have no accounts here yet.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from meshchat.directory.model import Role, User, UserStatus
+from meshchat.directory.policy import (
+    AccessPolicy,
+    Action,
+    DirectorySnapshot,
+    Principal,
+    PrincipalKind,
+)
+from meshchat.envelope import MAX_ENVELOPE_LEN
+from meshchat.errors import ConfigError
+from meshchat.topics import (
+    TELEMETRY_KINDS,
+    GroupTopic,
+    InboxTopic,
+    KeyTopic,
+    OwnTracksTopic,
+    PresenceTopic,
+    ServiceTopic,
+    TelemetryTopic,
+    matches,
+)
+
+__all__ = ["MOSQUITTO_MAX_PACKET_SIZE", "MosquittoFiles", "MosquittoOptions", "mosquitto_files"]
+
+MOSQUITTO_MAX_PACKET_SIZE: Final = MAX_ENVELOPE_LEN + 1024
+"""Largest MQTT packet Mosquitto accepts: the largest envelope plus its topic and header.
+
+``max_packet_size`` counts the whole packet (Mosquitto 2.0 recommends it over the payload-only
+``message_size_limit``) and disconnects a client that sends a bigger one.
+"""
+
+_READ: Final = "read"
+_WRITE: Final = "write"
+_ANY: Final = "x"
+"""A placeholder name: concrete topics built with it become filters with `_any_last`."""
+
+_FORBIDDEN_CHARS: Final = frozenset(string.whitespace) | {"#"}
+
+
+def _config_value(value: str, what: str) -> str:
+    """A value for mosquitto.conf: one token, since the file splits lines at spaces."""
+    if not value or any(char in _FORBIDDEN_CHARS for char in value):
+        raise ConfigError(
+            f"{what} {value!r} cannot be written to mosquitto.conf: it must be non-empty, with "
+            "no spaces, line breaks or '#'"
+        )
+    return value
+
+
+def _config_path(path: Path, what: str) -> str:
+    if not path.is_absolute():
+        raise ConfigError(
+            f"{what} {path} must be an absolute path: Mosquitto would resolve it from the "
+            "directory it is started in"
+        )
+    return _config_value(str(path), what)
+
+
+@dataclass(frozen=True, slots=True)
+class MosquittoOptions:
+    """Where the generated files live and how Mosquitto listens.
+
+    Attributes:
+        out_dir: the directory of the three files (absolute: mosquitto.conf names the others
+            by full path); Mosquitto's persistence database goes to ``persistence/`` inside it.
+        host: the address to listen on.
+        port: MQTT over TCP.
+        tls_cert: PEM certificate chain; with `tls_key`, also MQTT over TLS on `tls_port`.
+        tls_key: PEM private key of `tls_cert`.
+        tls_port: MQTT over TLS.
+        run_as: the system user Mosquitto switches to when started as root (Mosquitto's own
+            default, ``mosquitto``, when None); it must be able to read the password and ACL
+            files and write the persistence directory.
+    """
+
+    out_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_port: int = 8883
+    run_as: str | None = None
+
+    def __post_init__(self) -> None:
+        """Reject options Mosquitto could not use, naming the option."""
+        _config_path(self.out_dir, "output directory")
+        _config_value(self.host, "host")
+        for name in ("port", "tls_port"):
+            value = getattr(self, name)
+            if not 1 <= value <= 65535:
+                raise ConfigError(f"{name.replace('_', '-')} {value} is outside 1..65535")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if self.tls_cert is not None and self.tls_key is not None:
+            _config_path(self.tls_cert, "TLS certificate")
+            _config_path(self.tls_key, "TLS key")
+            if self.tls_port == self.port:
+                raise ConfigError(f"tls-port {self.tls_port} is the same as port {self.port}")
+        if self.run_as is not None:
+            _config_value(self.run_as, "run-as user")
+
+    @property
+    def conf_path(self) -> Path:
+        """mosquitto.conf: start Mosquitto with ``mosquitto -c`` and this path."""
+        return self.out_dir / "mosquitto.conf"
+
+    @property
+    def password_path(self) -> Path:
+        """The password file (secret: mode 0600)."""
+        return self.out_dir / "passwd"
+
+    @property
+    def acl_path(self) -> Path:
+        """The ACL file (who may read and write where: mode 0600)."""
+        return self.out_dir / "acl"
+
+    @property
+    def persistence_path(self) -> Path:
+        """Mosquitto's persistence directory (sessions and queued messages)."""
+        return self.out_dir / "persistence"
+
+
+@dataclass(frozen=True, slots=True)
+class MosquittoFiles:
+    """The text of the three files, and who they let in.
+
+    Attributes:
+        conf: mosquitto.conf.
+        passwords: the password file, ``user:$7$...`` lines.
+        acl: the ACL file, a ``user`` section per account.
+        accounts: the MQTT user names that may log in, sorted.
+        unsupported_devices: active devices registered to a person, which cannot log in to
+            Mosquitto (see the module docstring), sorted.
+    """
+
+    conf: str
+    passwords: str = field(repr=False)
+    acl: str
+    accounts: tuple[str, ...]
+    unsupported_devices: tuple[str, ...]
+
+
+def _is_device_account(snapshot: DirectorySnapshot, user: User) -> bool:
+    device = snapshot.devices.get(user.name)
+    return (
+        user.role is Role.DEVICE
+        and device is not None
+        and device.owner == user.name
+        and device.status is UserStatus.ACTIVE
+    )
+
+
+def _accounts(snapshot: DirectorySnapshot, credentials: Mapping[str, str]) -> dict[str, str]:
+    """Hashes of the users who may log in: active, and device accounts only with their device."""
+    accounts = {}
+    for name in sorted(credentials):
+        user = snapshot.users.get(name)
+        if user is None or not user.active:
+            continue
+        if user.role is Role.DEVICE and not _is_device_account(snapshot, user):
+            continue
+        secret = credentials[name]
+        if not secret.startswith("$7$") or ":" in secret or any(c.isspace() for c in secret):
+            raise ConfigError(f"the broker hash of {name!r} is not a Mosquitto $7$ hash")
+        accounts[name] = secret
+    return accounts
+
+
+def _any_last(topic: str, levels: int = 1) -> str:
+    """`topic` with its last `levels` levels replaced by ``+``: every name at those levels."""
+    kept = topic.split("/")[:-levels]
+    return "/".join([*kept, *["+"] * levels])
+
+
+class _Rules:
+    """One account's ACL lines: topic (or filter) to the set of accesses it grants."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, set[str]] = {}
+        self._wide: list[tuple[str, str]] = []
+
+    def grant(self, topic: str, access: str, *, wide: bool = False) -> None:
+        """Add a line; `wide` ones (org-wide filters) make narrower lines redundant."""
+        self.lines.setdefault(topic, set()).add(access)
+        if wide:
+            self._wide.append((topic, access))
+
+    def covers(self, topic: str, access: str) -> bool:
+        """Whether a wide line already grants `access` on `topic`."""
+        return any(have == access and matches(line, topic) for line, have in self._wide)
+
+    def render(self) -> list[str]:
+        """``topic ACCESS TOPIC`` lines, sorted by topic."""
+        rendered = []
+        for topic in sorted(self.lines):
+            granted = self.lines[topic]
+            access = "readwrite" if granted == {_READ, _WRITE} else next(iter(granted))
+            rendered.append(f"topic {access} {topic}")
+        return rendered
+
+
+class _AclBuilder:
+    """Asks the access policy about every topic an account could use, as Mosquitto will."""
+
+    def __init__(self, snapshot: DirectorySnapshot, now: float) -> None:
+        self.snapshot = snapshot
+        self.policy = AccessPolicy(snapshot)
+        self.now = now
+        self.org = snapshot.org
+        self.devices = sorted(
+            device.name
+            for device in snapshot.devices.values()
+            if device.status is UserStatus.ACTIVE
+        )
+        self._telemetry_reads: dict[tuple[Role, str], list[str]] = {}
+
+    def _allowed(self, principal: Principal, action: Action, topic: str) -> bool:
+        return self.policy.authorize(principal, action, topic, now=self.now).allowed
+
+    def _ask(self, rules: _Rules, principal: Principal, topic: str, *, read: bool = True) -> None:
+        """Add what the policy allows on `topic` that no org-wide line grants yet."""
+        actions = [(Action.RECEIVE, _READ)] if read else []
+        for action, access in [*actions, (Action.PUBLISH, _WRITE)]:
+            if self._allowed(principal, action, topic) and not rules.covers(topic, access):
+                rules.grant(topic, access)
+
+    def _public(self, rules: _Rules, principal: Principal) -> None:
+        """The org-wide lines, each written only if the policy grants its example topic."""
+        org = self.org
+        reads = [(f, f.replace("+", _ANY)) for f in self.policy.allowed_filters()]
+        writes = [
+            (_any_last(t), t) for t in (InboxTopic(org, _ANY).topic, ServiceTopic(org, _ANY).topic)
+        ]
+        for line, example in reads:
+            if self._allowed(principal, Action.RECEIVE, example):
+                rules.grant(line, _READ, wide=True)
+        for line, example in writes:
+            if self._allowed(principal, Action.PUBLISH, example):
+                rules.grant(line, _WRITE, wide=True)
+        owntracks = (
+            (OwnTracksTopic(principal.name, _ANY).topic, 1),
+            (OwnTracksTopic(principal.name, _ANY, _ANY).topic, 2),
+        )
+        for example, levels in owntracks:
+            for action, access in ((Action.RECEIVE, _READ), (Action.PUBLISH, _WRITE)):
+                if self._allowed(principal, action, example):
+                    rules.grant(_any_last(example, levels), access)
+
+    def _telemetry_topics(self, device: str) -> list[str]:
+        return [
+            TelemetryTopic(self.org, device, "status" if kind == "status" else "gps").topic
+            for kind in sorted(TELEMETRY_KINDS)
+        ]
+
+    def _readable_telemetry(self, user: User) -> list[str]:
+        """Lines for the telemetry `user` reads as a reader, not as the device itself.
+
+        The policy decides that by the reader's role and department, so it is asked once per
+        (role, department), with the first account of it: asking per account and device would
+        take minutes in a large org. One line per device covers every kind when all are
+        readable.
+        """
+        key = (user.role, user.dept)
+        cached = self._telemetry_reads.get(key)
+        if cached is None:
+            reader = Principal(PrincipalKind.USER, user.name, user.name)
+            cached = []
+            for device in self.devices:
+                topics = self._telemetry_topics(device)
+                readable = [t for t in topics if self._allowed(reader, Action.RECEIVE, t)]
+                cached += [_any_last(topics[0])] if readable == topics else readable
+            self._telemetry_reads[key] = cached
+        return cached
+
+    def rules(self, user: User) -> _Rules:
+        """The ACL lines of one account."""
+        device = user.name if _is_device_account(self.snapshot, user) else None
+        # On Mosquitto the client id is always the user name (use_username_as_clientid).
+        principal = Principal(PrincipalKind.USER, user.name, user.name, device)
+        rules = _Rules()
+        self._public(rules, principal)
+        self._ask(rules, principal, KeyTopic(self.org, user.name).topic)
+        for (dept, name), group in sorted(self.snapshot.groups.items(), key=lambda g: g[0]):
+            if user.name in group.members:  # the policy refuses everyone else
+                group_topic = GroupTopic(self.org, dept, name)
+                self._ask(rules, principal, group_topic.topic)
+                self._ask(rules, principal, group_topic.roster.topic)
+        for line in self._readable_telemetry(user):
+            rules.grant(line, _READ)
+        if device is not None:
+            # Only a device's own inbox, presence and telemetry differ from the org-wide lines.
+            self._ask(rules, principal, InboxTopic(self.org, device).topic)
+            self._ask(rules, principal, PresenceTopic(self.org, device).topic)
+            own = self._telemetry_topics(device)
+            # Writes stay per kind, so a device cannot publish a kind the policy does not know.
+            reads_all = _any_last(own[0]) in rules.lines
+            for topic in own:
+                self._ask(rules, principal, topic, read=not reads_all)
+        return rules
+
+
+def _header(org: str, what: str) -> list[str]:
+    return [
+        f"# {what} for the meshchat org {org}, generated by `meshchat deploy mosquitto`.",
+        "# Do not edit: after directory changes, run the command again and send Mosquitto SIGHUP.",
+    ]
+
+
+def _acl(snapshot: DirectorySnapshot, accounts: Iterable[str], now: float) -> str:
+    builder = _AclBuilder(snapshot, now)
+    lines = _header(snapshot.org, "Mosquitto ACL file")
+    for name in accounts:
+        lines += ["", f"user {name}", *builder.rules(snapshot.users[name]).render()]
+    return "\n".join(lines) + "\n"
+
+
+_LIMITS: Final = """\
+#
+# Differences from the embedded broker of `meshchat up`:
+# - Every connection's client id is its user name (use_username_as_clientid), so nobody can
+#   take over another's session, and each account has one connection at a time.
+# - Devices registered to a person are not supported: the password file holds one secret per
+#   user name. Device accounts (role device) log in as their device name with their token.
+# - Mosquitto grants every SUBSCRIBE and filters on delivery: a topic the user may not read
+#   delivers nothing. Wildcard filters deliver the topics the user may read one by one.
+# - Offboarding takes effect when the command runs again and Mosquitto gets SIGHUP, which
+#   disconnects accounts no longer in the password file.
+# - meshchat's services (archiver, geofence, directory) have no accounts here yet."""
+
+
+def _conf(options: MosquittoOptions, org: str) -> str:
+    lines = [
+        *_header(org, "Mosquitto 2.0 configuration"),
+        "# Start: mosquitto -c " + str(options.conf_path),
+        _LIMITS,
+        "",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {_config_path(options.password_path, 'password file')}",
+        f"acl_file {_config_path(options.acl_path, 'ACL file')}",
+        "persistence true",
+        # Mosquitto appends the file name to this path, so it must end in a slash.
+        f"persistence_location {_config_path(options.persistence_path, 'persistence path')}/",
+        f"max_packet_size {MOSQUITTO_MAX_PACKET_SIZE}",
+    ]
+    if options.run_as is not None:
+        lines.append(f"user {options.run_as}")
+    lines += [
+        "",
+        f"listener {options.port} {options.host}",
+        "use_username_as_clientid true",
+    ]
+    if options.tls_cert is not None and options.tls_key is not None:
+        lines += [
+            "",
+            f"listener {options.tls_port} {options.host}",
+            f"certfile {options.tls_cert}",
+            f"keyfile {options.tls_key}",
+            "tls_version tlsv1.2",
+            "use_username_as_clientid true",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def mosquitto_files(
+    snapshot: DirectorySnapshot,
+    credentials: Mapping[str, str],
+    options: MosquittoOptions,
+    *,
+    now: float,
+) -> MosquittoFiles:
+    """The three files that make Mosquitto enforce the directory like the embedded broker.
+
+    The output depends only on the arguments and is sorted throughout, so running it twice on
+    an unchanged directory gives identical files.
+
+    Args:
+        snapshot: the directory.
+        credentials: Mosquitto ``$7$`` hashes by MQTT user name
+            (`Directory.broker_credentials`); revoked users and devices in it are left out.
+        options: where the files live and how Mosquitto listens.
+        now: the time (Unix seconds) at which expired temporary groups are left out.
+
+    Raises:
+        ConfigError: a hash is not in Mosquitto's format.
+    """
+    accounts = _accounts(snapshot, credentials)
+    unsupported = tuple(
+        sorted(
+            device.name
+            for device in snapshot.devices.values()
+            if device.status is UserStatus.ACTIVE
+            and (owner := snapshot.users.get(device.owner)) is not None
+            and owner.active
+            and not (device.name == owner.name and _is_device_account(snapshot, owner))
+        )
+    )
+    passwords = "".join(f"{name}:{secret}\n" for name, secret in accounts.items())
+    return MosquittoFiles(
+        conf=_conf(options, snapshot.org),
+        passwords=passwords,
+        acl=_acl(snapshot, accounts, now),
+        accounts=tuple(accounts),
+        unsupported_devices=unsupported,
+    )
