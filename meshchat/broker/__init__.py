@@ -6,6 +6,7 @@ from meshchat.broker.access import (
     DirectoryAuthPlugin,
     DirectoryTopicPlugin,
 )
+from meshchat.broker.core import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_OFFLINE_QUEUE, MeshchatBroker
 from meshchat.broker.embedded import (
     BrokerSettings,
     BrokerState,
@@ -23,6 +24,8 @@ from meshchat.broker.mosquitto import (
 from meshchat.broker.plugins import LoopbackOnlyAuthPlugin, is_loopback
 
 __all__ = [
+    "DEFAULT_MAX_INFLIGHT",
+    "DEFAULT_MAX_OFFLINE_QUEUE",
     "MOSQUITTO_MAX_PACKET_SIZE",
     "AccessGate",
     "BrokerSettings",
@@ -33,6 +36,7 @@ __all__ = [
     "EmbeddedBroker",
     "Listener",
     "LoopbackOnlyAuthPlugin",
+    "MeshchatBroker",
     "MosquittoFiles",
     "MosquittoOptions",
     "Scheme",

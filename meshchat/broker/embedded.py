@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Self
 
-import amqtt.broker
 import amqtt.errors
 
 from meshchat.broker.access import AccessGate
+from meshchat.broker.core import DEFAULT_MAX_OFFLINE_QUEUE, MIN_TLS_VERSION, MeshchatBroker
 from meshchat.broker.plugins import is_loopback
 from meshchat.errors import AddressInUseError, BrokerError, ConfigError
 
@@ -32,23 +32,34 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Scheme = Literal["mqtt", "ws", "mqtts", "wss"]
-MIN_TLS_VERSION: Final = ssl.TLSVersion.TLSv1_2
 
 
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
-    """A server certificate chain and its private key, both PEM files."""
+    """A server certificate chain and its private key, both PEM files.
+
+    Attributes:
+        certfile: the server's certificate chain.
+        keyfile: the server's private key.
+        client_ca: CA certificates (PEM); when given, TLS clients must present a certificate
+            signed by one of them, and clients without one are refused.
+    """
 
     certfile: Path
     keyfile: Path
+    client_ca: Path | None = None
 
     def server_context(self) -> ssl.SSLContext:
-        """Load the pair into a server context that speaks TLS 1.2 or newer only.
+        """Load the files into a server context that speaks TLS 1.2 or newer only.
 
         Raises:
-            ConfigError: a file is missing or unreadable, or the key does not fit the certificate.
+            ConfigError: a file is missing or unreadable, the key does not fit the certificate,
+                or the client CA file holds no certificate.
         """
-        for what, path in (("certificate", self.certfile), ("key", self.keyfile)):
+        files = [("certificate", self.certfile), ("key", self.keyfile)]
+        if self.client_ca is not None:
+            files.append(("client CA", self.client_ca))
+        for what, path in files:
             if not path.is_file():
                 raise ConfigError(f"TLS {what} file {path} does not exist or is not a file")
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -60,6 +71,14 @@ class TlsFiles:
                 f"cannot load the TLS certificate {self.certfile} with the key {self.keyfile}: "
                 f"{exc.strerror or exc}"
             ) from exc
+        if self.client_ca is not None:
+            try:
+                context.load_verify_locations(self.client_ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(
+                    f"cannot load the TLS client CA {self.client_ca}: {exc.strerror or exc}"
+                ) from exc
+            context.verify_mode = ssl.CERT_REQUIRED
         return context
 
 
@@ -75,6 +94,9 @@ class BrokerSettings:
             `ws_port` is set, secure WebSocket.
         tls_port: MQTT over TLS (8883 by default).
         wss_port: secure WebSocket; None means `ws_port` + 1 (or a free port when `ws_port` is 0).
+        extra_plugins: more amqtt plugins, by dotted class path, with their configuration.
+        max_offline_queue: messages kept for one session (while its client is away, or too slow
+            to take them) before the oldest are dropped; the broker logs it once per session.
     """
 
     host: str = "127.0.0.1"
@@ -84,6 +106,7 @@ class BrokerSettings:
     tls_port: int = 8883
     wss_port: int | None = None
     extra_plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_offline_queue: int = DEFAULT_MAX_OFFLINE_QUEUE
 
     def __post_init__(self) -> None:
         """Reject settings no listener could use, with the setting's name in the message."""
@@ -96,6 +119,8 @@ class BrokerSettings:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ConfigError(f"{name.replace('_', '-')} {value} is outside 0..65535")
+        if self.max_offline_queue < 1:
+            raise ConfigError(f"max-offline-queue {self.max_offline_queue} must be at least 1")
 
     @property
     def loopback_only(self) -> bool:
@@ -139,16 +164,6 @@ class BrokerState(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-class _Amqtt(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships no types
-    """The amqtt broker with one change: TLS listeners refuse anything older than TLS 1.2."""
-
-    @staticmethod
-    def _create_ssl_context(listener: Any) -> ssl.SSLContext:  # noqa: ANN401  # amqtt's type
-        context: ssl.SSLContext = amqtt.broker.Broker._create_ssl_context(listener)  # noqa: SLF001  # the hook amqtt offers
-        context.minimum_version = MIN_TLS_VERSION
-        return context
 
 
 _AUTH_PLUGIN: Final = "meshchat.broker.plugins.LoopbackOnlyAuthPlugin"
@@ -219,6 +234,8 @@ class EmbeddedBroker:
                     "certfile": str(settings.tls.certfile),
                     "keyfile": str(settings.tls.keyfile),
                 }
+                if settings.tls.client_ca is not None:
+                    entry["cafile"] = str(settings.tls.client_ca)
             listeners[name] = entry
         plugins: dict[str, dict[str, Any]] = (
             self.access.plugin_config() if self.access is not None else {_AUTH_PLUGIN: {}}
@@ -242,7 +259,9 @@ class EmbeddedBroker:
         if self.settings.tls is not None:
             self.settings.tls.server_context()  # fail early, with a clear message
         try:
-            self._broker = _Amqtt(self._config())
+            self._broker = MeshchatBroker(
+                self._config(), max_offline_queue=self.settings.max_offline_queue
+            )
             await self._broker.start()
         except amqtt.errors.BrokerError as exc:
             await self._close_partial_start()
