@@ -164,6 +164,10 @@ class AccessGate:
         self._cache[key] = decision.allowed
         return decision.allowed
 
+    def check(self, client_id: str, action: AmqttAction, topic: str) -> bool:
+        """`authorize` with amqtt's action type: the broker's direct ACL hook."""
+        return self.authorize(client_id, _ACTIONS[action], topic)
+
     def forget(self, client_id: str, session: Session) -> None:
         """Drop what the gate knows of a client whose connection `session` ended.
 

@@ -51,6 +51,7 @@ import asyncio
 import functools
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
@@ -79,7 +80,7 @@ from amqtt.utils import gen_client_id
 from meshchat.errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable
 
     from amqtt.contexts import ListenerConfig
     from amqtt.mqtt.connect import ConnectPacket
@@ -110,6 +111,10 @@ _OVERFLOW_LOGGED: Final = "meshchat.broker.queue_overflow_logged"
 def _valid_topic_name(topic: str | None) -> bool:
     """At least one character (MQTT-4.7.3-1) and no wildcard (MQTT-3.3.2-2)."""
     return topic is not None and topic != "" and "#" not in topic and "+" not in topic
+
+
+TopicCheck = Callable[[str, Action, str], bool]
+"""(client id, amqtt action, topic) -> allowed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +441,9 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         config: amqtt's broker configuration (a dict, as `amqtt.broker.Broker` takes it).
         max_offline_queue: messages queued for one session before its oldest are dropped.
         max_inflight: QoS 1 messages one client may have unacknowledged.
+        topic_check: decides subscribe, publish and receive directly (client id, action,
+            topic), instead of amqtt's plugin round (which schedules a task per plugin and per
+            message and cost about 39% of the fan-in throughput here).
     """
 
     def __init__(
@@ -444,6 +452,7 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         *,
         max_offline_queue: int = DEFAULT_MAX_OFFLINE_QUEUE,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        topic_check: TopicCheck | None = None,
     ) -> None:
         """Configure the broker; nothing listens until `start`.
 
@@ -457,7 +466,15 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         super().__init__(config)
         self.max_offline_queue = max_offline_queue
         self.max_inflight = max_inflight
+        self.topic_check = topic_check
         self._connect_lock = asyncio.Lock()
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        """The ACL decision: the direct check when there is one, else amqtt's plugins."""
+        if self.topic_check is not None:
+            return self.topic_check(str(session.client_id), action, topic)
+        allowed: bool = await super()._topic_filtering(session, topic, action)
+        return allowed
 
     @staticmethod
     def _create_ssl_context(listener: ListenerConfig) -> ssl.SSLContext:

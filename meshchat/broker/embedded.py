@@ -260,7 +260,9 @@ class EmbeddedBroker:
             self.settings.tls.server_context()  # fail early, with a clear message
         try:
             self._broker = MeshchatBroker(
-                self._config(), max_offline_queue=self.settings.max_offline_queue
+                self._config(),
+                max_offline_queue=self.settings.max_offline_queue,
+                topic_check=self.access.check if self.access is not None else None,
             )
             await self._broker.start()
         except amqtt.errors.BrokerError as exc:
