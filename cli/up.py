@@ -35,14 +35,17 @@ def _print_start(server: SiteServer) -> None:
         console.print(f"  org {org}: clients log in with directory accounts", soft_wrap=True)
     if server.bootstrap is not None:
         boot = server.bootstrap
+        # The admin commands must find the same data directory as this server.
+        data = "" if server.data.path == DEFAULT_DATA.absolute() else f" --data {server.data.path}"
         console.print(
             f"\nCreated the org [bold]{boot.org}[/] and its admin account. The password is shown "
             "only this once:\n"
             f"  user:     {boot.admin}\n"
             f"  password: {boot.password}\n"
             "Next steps, in another terminal:\n"
-            "  meshchat user add alice --dept ops --password-stdin\n"
-            "  meshchat group create ops/general && meshchat group add ops/general alice\n"
+            f"  meshchat user add alice --dept ops --password-stdin{data}\n"
+            f"  meshchat group create ops/general{data} && "
+            f"meshchat group add ops/general alice{data}\n"
             "MQTT clients log in with a user name and password and a client id that starts "
             "with the user name and a dot, e.g. `mosquitto_sub -u alice -P PASSWORD "
             f"-i alice.sub -t mc/{boot.org}/ops/general`.\n",
