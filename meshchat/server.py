@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ class SiteServer:
         org: str = DEFAULT_ORG,
         anonymous: bool = False,
         connect_limit: ConnectLimit | None = None,
+        durable: bool = True,
     ) -> None:
         """Prepare a server on `data`; nothing starts until it is entered.
 
@@ -65,6 +67,9 @@ class SiteServer:
             org: the org to create when the data directory has no directory yet.
             anonymous: no authentication or ACL: anonymous clients from loopback only.
             connect_limit: how often a client may connect (defaults: `ConnectLimit`).
+            durable: the broker keeps its state (persistent sessions, their queued QoS 1
+                messages, retained messages) in the data directory, unless `broker` names
+                another ``state_dir``; False keeps it in memory only (lost on a restart).
         """
         self.data = data
         self.org = org
@@ -72,7 +77,10 @@ class SiteServer:
         self.connect_limit = connect_limit
         self.bootstrap: Bootstrap | None = None
         self.watcher: DirectoryWatcher | None = None
-        self._broker_settings = broker or BrokerSettings()
+        settings = broker or BrokerSettings()
+        if durable and settings.state_dir is None:
+            settings = dataclasses.replace(settings, state_dir=data.path)
+        self._broker_settings = settings
         self.broker = EmbeddedBroker(self._broker_settings)
         self._stack = AsyncExitStack()
 

@@ -6,7 +6,12 @@ from meshchat.broker.access import (
     DirectoryAuthPlugin,
     DirectoryTopicPlugin,
 )
-from meshchat.broker.core import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_OFFLINE_QUEUE, MeshchatBroker
+from meshchat.broker.core import (
+    DEFAULT_MAX_INFLIGHT,
+    DEFAULT_MAX_OFFLINE_QUEUE,
+    MeshchatBroker,
+    MeshchatProtocolHandler,
+)
 from meshchat.broker.embedded import (
     BrokerSettings,
     BrokerState,
@@ -21,15 +26,19 @@ from meshchat.broker.mosquitto import (
     MosquittoOptions,
     mosquitto_files,
 )
+from meshchat.broker.persist import BROKER_STATE_FILE, BrokerStore, StoreState
 from meshchat.broker.plugins import LoopbackOnlyAuthPlugin, is_loopback
+from meshchat.broker.statedb import RestoredState, StoredMessage, StoredRetained, StoredSession
 
 __all__ = [
+    "BROKER_STATE_FILE",
     "DEFAULT_MAX_INFLIGHT",
     "DEFAULT_MAX_OFFLINE_QUEUE",
     "MOSQUITTO_MAX_PACKET_SIZE",
     "AccessGate",
     "BrokerSettings",
     "BrokerState",
+    "BrokerStore",
     "ConnectLimit",
     "DirectoryAuthPlugin",
     "DirectoryTopicPlugin",
@@ -37,9 +46,15 @@ __all__ = [
     "Listener",
     "LoopbackOnlyAuthPlugin",
     "MeshchatBroker",
+    "MeshchatProtocolHandler",
     "MosquittoFiles",
     "MosquittoOptions",
+    "RestoredState",
     "Scheme",
+    "StoreState",
+    "StoredMessage",
+    "StoredRetained",
+    "StoredSession",
     "TlsFiles",
     "is_loopback",
     "mosquitto_files",

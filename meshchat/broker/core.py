@@ -1,7 +1,8 @@
-"""The broker core: amqtt 0.12.1's broker and protocol handler, without the defects we measured.
+"""The broker core: amqtt 0.12.1's broker, without the defects we measured, and durable.
 
-amqtt is pinned to exactly 0.12.1 (a test fails on any other version) because this module
-overrides its internals. Before upgrading, re-check every override below against the new code.
+amqtt is pinned to exactly 0.12.1 (a test fails on any other version) because this module and
+`meshchat.broker.handler` (the protocol handler, with its own list) override its internals.
+Before upgrading, re-check every override below against the new code.
 
 `MeshchatBroker` (an `amqtt.broker.Broker`):
 
@@ -24,19 +25,15 @@ overrides its internals. Before upgrading, re-check every override below against
 - ``_create_ssl_context``: TLS 1.2 or newer; client certificates required when a CA is given.
 - ``stream_connected``, ``ws_connected``, ``create_offline_session``: our writer and handler.
 
-`MeshchatProtocolHandler` (a `BrokerProtocolHandler`):
-
-- keep-alive: a client that sends nothing for 1.5 x its keep-alive is cut (MQTT-3.1.2-24),
-  also when it stalls in the middle of a packet; the disconnect then publishes its will.
-- delivery: one task per connection sends the session queue in order with at most
-  ``max_inflight`` QoS 1 messages unacknowledged, so packet identifiers never run out; an
-  unacknowledged QoS 1 message stays in the session and is sent again, DUP set, on reconnect.
-- disconnect signalling: a disconnect is latched, so one that happens while the session starts
-  is not lost (amqtt's waiter could be replaced after it fired, hanging the connection forever).
-- closing: a connection's graceful close waits at most ``CLOSE_DEADLINE`` for the client to
-  take what is still buffered for it, then drops the connection, as it does when the close is
-  cancelled halfway; amqtt waited forever for a client that reads nothing, or left the socket
-  open for good (the writers' ``close``).
+Durability, with a `BrokerStore` (`meshchat.broker.persist`): ``_start_listeners`` first puts
+back the persistent sessions (disconnected, with their subscriptions and queues) and the
+retained messages the store holds; from then on ``_handle_client_session``, ``add_subscription``
+(whose SUBACK waits for the commit), ``_handle_unsubscription``, ``_delete_session``,
+``retain_message`` and the routing (``_route``, ``_enqueue``) keep the store up to date. A QoS 1
+PUBLISH that the handler holds back (an `InboundMessage`) is answered by
+``_handle_message_delivery`` and ``_run_broadcast``: its PUBACK may go once every copy of it the
+broker keeps (queued for persistent sessions, retained) is committed. A retained message is
+stored before the message is routed. QoS 0 messages are never stored.
 
 Left as amqtt 0.12.1 has them, because fixing them means replacing amqtt's packet reader loop
 (``ProtocolHandler._reader_loop``) or its QoS 2 state machine: a malformed packet (a PUBLISH
@@ -52,58 +49,53 @@ import functools
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final
 
 import amqtt.broker
-from amqtt.adapters import (
-    ReaderAdapter,
-    StreamReaderAdapter,
-    StreamWriterAdapter,
-    WebSocketsReader,
-    WebSocketsWriter,
-)
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WebSocketsReader
 from amqtt.contexts import Action
-from amqtt.errors import AMQTTError, MQTTError, NoDataError, ProtocolHandlerError
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import (
-    INCOMING,
-    ApplicationMessage,
-    OutgoingApplicationMessage,
-    Session,
-)
+from amqtt.session import ApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
-from meshchat.errors import ConfigError
+from meshchat.broker.handler import (
+    InboundMessage,
+    KeptMessage,
+    MeshchatProtocolHandler,
+    QueuedMessage,
+    TcpWriter,
+    Will,
+    WsWriter,
+)
+from meshchat.errors import BrokerError, ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
-
     from amqtt.contexts import ListenerConfig
-    from amqtt.mqtt.connect import ConnectPacket
-    from amqtt.mqtt.puback import PubackPacket
-    from amqtt.plugins.manager import PluginManager
     from websockets.asyncio.server import ServerConnection
 
-__all__ = ["DEFAULT_MAX_INFLIGHT", "DEFAULT_MAX_OFFLINE_QUEUE", "MeshchatBroker"]
+    from meshchat.broker.persist import BrokerStore
+    from meshchat.broker.statedb import RestoredState
+
+__all__ = [
+    "DEFAULT_MAX_INFLIGHT",
+    "DEFAULT_MAX_OFFLINE_QUEUE",
+    "MeshchatBroker",
+    "MeshchatProtocolHandler",
+]
 
 logger = logging.getLogger(__name__)
 
 MIN_TLS_VERSION: Final = ssl.TLSVersion.TLSv1_2
-KEEPALIVE_FACTOR: Final = 1.5
-"""A client is cut after this many keep-alive periods without a byte from it (MQTT-3.1.2-24)."""
 DEFAULT_MAX_INFLIGHT: Final = 100
 """QoS 1 messages a client may have unacknowledged before the broker waits for a PUBACK."""
 DEFAULT_MAX_OFFLINE_QUEUE: Final = 10_000
 """Messages queued for one session before the oldest are dropped."""
-CLOSE_DEADLINE: Final = 2.0
-"""Seconds closing a connection may wait for the client to take what is buffered for it."""
-RETRY_DEADLINE: Final = 10.0
-"""Seconds a QoS 2 flow resumed on reconnect may take (amqtt's own limit)."""
 MAX_PACKET_ID: Final = 65535
+SUBSCRIBE_DEADLINE: Final = 10.0
+"""Seconds a persistent session's SUBACK may wait for its subscription to be stored."""
 
 _OVERFLOW_LOGGED: Final = "meshchat.broker.queue_overflow_logged"
 
@@ -113,325 +105,13 @@ def _valid_topic_name(topic: str | None) -> bool:
     return topic is not None and topic != "" and "#" not in topic and "+" not in topic
 
 
+def _persistent(session: Session) -> bool:
+    """Whether a session outlives its connection (MQTT-3.1.2-4), and so is stored."""
+    return not session.clean_session and not session.is_anonymous
+
+
 TopicCheck = Callable[[str, Action, str], bool]
 """(client id, amqtt action, topic) -> allowed."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Will:
-    """The last will a CONNECT registered for its network connection."""
-
-    topic: str
-    message: bytes
-    qos: int
-    retain: bool
-
-    @classmethod
-    def of(cls, session: Session) -> _Will | None:
-        if not session.will_flag or session.will_topic is None or session.will_message is None:
-            return None
-        return cls(
-            topic=session.will_topic,
-            message=bytes(session.will_message),
-            qos=session.will_qos or QOS_0,
-            retain=bool(session.will_retain),
-        )
-
-
-@runtime_checkable
-class _Abortable(Protocol):
-    def abort(self) -> None: ...
-
-
-class _ActivityReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no types
-    """Passes reads through and reports each one, so the keep-alive sees every byte arrive."""
-
-    def __init__(self, inner: ReaderAdapter, on_read: Callable[[], None]) -> None:
-        self._inner = inner
-        self._on_read = on_read
-
-    async def read(self, n: int = -1) -> bytes:
-        data: bytes = await self._inner.read(n)
-        self._on_read()
-        return data
-
-    def feed_eof(self) -> None:
-        self._inner.feed_eof()
-
-
-class _TcpWriter(StreamWriterAdapter):  # type: ignore[misc]  # amqtt ships no types
-    """amqtt's TCP writer, with a close that always ends, and an abort."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        super().__init__(writer)
-        self._stream = writer
-
-    def abort(self) -> None:
-        """Drop the connection now, unsent data and all."""
-        self.is_closed = True
-        self._stream.transport.abort()
-
-    async def close(self) -> None:
-        """Close gracefully within `CLOSE_DEADLINE`, else (or when cancelled) drop the connection.
-
-        amqtt waits until the client has taken everything still buffered for it: forever for
-        a client that reads nothing any more; and a close cancelled halfway left the socket
-        open for good.
-        """
-        if self.is_closed:
-            return
-        self.is_closed = True
-        closed = False
-        try:
-            async with asyncio.timeout(CLOSE_DEADLINE):
-                await self._stream.drain()
-                if self._stream.can_write_eof():
-                    self._stream.write_eof()
-                self._stream.close()
-                await self._stream.wait_closed()
-            closed = True
-        except (TimeoutError, OSError) as exc:
-            logger.debug("closing a connection gracefully failed (%r): dropping it", exc)
-        finally:
-            if not closed:
-                self._stream.transport.abort()
-
-
-class _WsWriter(WebSocketsWriter):  # type: ignore[misc]  # amqtt ships no types
-    """amqtt's WebSocket writer, with a close that always ends, and an abort."""
-
-    def __init__(self, connection: ServerConnection) -> None:
-        super().__init__(connection)
-        self._connection = connection
-
-    def abort(self) -> None:
-        """Drop the connection now."""
-        self._connection.transport.abort()
-
-    async def close(self) -> None:
-        """Close gracefully within `CLOSE_DEADLINE`, else (or when cancelled) drop it."""
-        closed = False
-        try:
-            async with asyncio.timeout(CLOSE_DEADLINE):
-                await super().close()
-            closed = True
-        except TimeoutError:
-            logger.debug("closing a WebSocket gracefully timed out: dropping it")
-        finally:
-            if not closed:
-                self.abort()
-
-
-def _as_outgoing(item: ApplicationMessage) -> OutgoingApplicationMessage:
-    if isinstance(item, OutgoingApplicationMessage):
-        return item
-    # Queued through amqtt's own API (a persistence plugin restoring a session, for example):
-    # a message routed to an offline session, never a retained one, so RETAIN is clear
-    # (MQTT-3.3.1-9).
-    return OutgoingApplicationMessage(None, item.topic, item.qos or QOS_0, item.data, retain=False)
-
-
-class MeshchatProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no types
-    """One client connection: amqtt's broker-side protocol handler, with keep-alive and pacing."""
-
-    def __init__(
-        self,
-        plugins_manager: PluginManager,
-        session: Session | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        """Create a handler; amqtt builds one per CONNECT (see `init_from_connect`)."""
-        super().__init__(plugins_manager, session, loop)
-        self.will: _Will | None = None
-        self.superseded = False
-        self.outbox: asyncio.Task[None] | None = None
-        self._acked = asyncio.Event()
-        self._gone = asyncio.Event()
-        self._gone_with: DisconnectPacket | None = None
-        self._last_read = 0.0
-        self._idle_limit = 0.0
-        self._idle_timer: asyncio.TimerHandle | None = None
-
-    @property
-    def client_id(self) -> str | None:
-        """The client this connection belongs to, once attached."""
-        return self.session.client_id if self.session is not None else None
-
-    def attach(self, session: Session, reader: ReaderAdapter, writer: Any) -> None:  # noqa: ANN401  # amqtt's WriterAdapter
-        """Attach to a session; reads are watched for the keep-alive."""
-        super().attach(session, _ActivityReader(reader, self._saw_activity), writer)
-
-    def _saw_activity(self) -> None:
-        self._last_read = self._loop.time()
-
-    async def start(self) -> None:
-        """Start reading, arm the keep-alive and resend what the session left unacknowledged."""
-        keep_alive = self.session.keep_alive if self.session is not None else 0
-        if keep_alive > 0:
-            self._idle_limit = KEEPALIVE_FACTOR * keep_alive
-            self._saw_activity()
-            self._idle_timer = self._loop.call_at(
-                self._last_read + self._idle_limit, self._check_idle
-            )
-        await super().start()
-
-    def _check_idle(self) -> None:
-        self._idle_timer = None
-        due = self._last_read + self._idle_limit
-        if self._loop.time() < due:
-            self._idle_timer = self._loop.call_at(due, self._check_idle)
-            return
-        logger.info(
-            "client %r sent nothing for %.1f s, 1.5 times its keep-alive: closing its connection",
-            self.client_id,
-            self._idle_limit,
-        )
-        self.abort()
-
-    def abort(self) -> None:
-        """Drop the connection now; the disconnect is then handled as for a lost link."""
-        if self.outbox is not None and self.outbox is not asyncio.current_task():
-            self.outbox.cancel()  # nothing more goes out on this connection
-        if isinstance(self.writer, _Abortable):
-            self.writer.abort()
-        elif self._reader_task is not None:
-            self._reader_task.cancel()
-
-    async def stop(self) -> None:
-        """Stop reading and sending, and close the connection."""
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        if self.outbox is not None and self.outbox is not asyncio.current_task():
-            self.outbox.cancel()
-        await super().stop()
-        self._latch_disconnect(None)
-
-    def _latch_disconnect(self, disconnect: DisconnectPacket | None) -> None:
-        if not self._gone.is_set():
-            self._gone_with = disconnect
-            self._gone.set()
-
-    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
-        """Record the end of the connection (a DISCONNECT, or None when the link was lost)."""
-        self._latch_disconnect(disconnect)
-        await super().handle_disconnect(disconnect)
-
-    async def wait_disconnect(self) -> DisconnectPacket | None:
-        """Wait until the connection ends; returns the DISCONNECT, or None for a lost link."""
-        await self._gone.wait()
-        return self._gone_with
-
-    async def handle_connect(self, connect: ConnectPacket) -> None:
-        """A second CONNECT is a protocol violation: disconnect the client (MQTT-3.1.0-2)."""
-        del connect
-        logger.warning("client %r sent a second CONNECT: closing its connection", self.client_id)
-        await self.handle_disconnect(None)
-
-    async def handle_puback(self, puback: PubackPacket) -> None:
-        """Complete a QoS 1 delivery: the message leaves the session and the window opens."""
-        packet_id = puback.variable_header.packet_id if puback.variable_header else None
-        if packet_id in self._puback_waiters:  # one of amqtt's own flows waits for it
-            await super().handle_puback(puback)
-        elif self.session is not None:
-            message = self.session.inflight_out.get(packet_id)
-            if message is not None and message.qos == QOS_1:
-                del self.session.inflight_out[packet_id]
-                message.puback_packet = puback
-            else:
-                logger.debug("client %r acknowledged unknown message %s", self.client_id, packet_id)
-        # Even for an unknown id: after a take-over the old connection may have completed the
-        # message, and this connection's sender must still look at the window again.
-        self._acked.set()
-
-    async def _retry_deliveries(self) -> None:
-        """Send again, DUP set, what the session left unacknowledged (MQTT-4.4.0-1).
-
-        QoS 1 messages go out at once, in their original order, and are completed by PUBACK
-        like any other; QoS 2 flows resume as amqtt resumes them.
-        """
-        if self.session is None:
-            return
-        for message in list(self.session.inflight_out.values()):
-            if message.qos == QOS_1:
-                packet = message.build_publish_packet(dup=True)
-                message.publish_packet = packet
-                await self._send_packet(packet)
-        others = [
-            message
-            for message in (*self.session.inflight_in.values(), *self.session.inflight_out.values())
-            if message.direction == INCOMING or message.qos != QOS_1
-        ]
-        if others:
-            async with asyncio.TaskGroup() as flows:
-                for message in others:
-                    flows.create_task(self._resume_flow(message), name="meshchat[broker].retry")
-
-    async def _resume_flow(self, message: ApplicationMessage) -> None:
-        try:
-            async with asyncio.timeout(RETRY_DEADLINE):
-                await self._handle_message_flow(message)
-        except (TimeoutError, AMQTTError) as exc:
-            logger.warning(
-                "client %r: resuming message %s failed: %s", self.client_id, message.packet_id, exc
-            )
-
-    async def run_outbox(
-        self, max_inflight: int, may_receive: Callable[..., Awaitable[bool]]
-    ) -> None:
-        """Send the session queue in order, with at most `max_inflight` QoS 1 messages unacked.
-
-        Messages kept while the client was offline are checked with `may_receive(topic=...)`
-        now, against the access policy in force when they are delivered. Runs for the life of
-        the connection; a failure closes this connection only.
-        """
-        if self.session is None:
-            return
-        queue = self.session.retained_messages
-        try:
-            while True:
-                while len(self.session.inflight_out) >= max_inflight:
-                    self._acked.clear()
-                    await self._acked.wait()
-                item = await queue.get()
-                if not isinstance(item, OutgoingApplicationMessage) and not await may_receive(
-                    topic=item.topic
-                ):
-                    logger.info("client %r may no longer receive %r", self.client_id, item.topic)
-                    continue
-                await self._deliver(_as_outgoing(item))
-        except Exception as exc:
-            task = asyncio.current_task()
-            if isinstance(exc, ProtocolHandlerError) and task is not None and task.cancelling():
-                # amqtt's _send_packet turns our cancellation into this error; undo that.
-                raise asyncio.CancelledError from None
-            # Whatever went wrong is this connection's: close it, keep serving everyone else.
-            logger.exception(
-                "delivering to client %r failed: dropping its connection", self.client_id
-            )
-            self.abort()
-
-    async def _deliver(self, message: OutgoingApplicationMessage) -> None:
-        session = self.session
-        if session is None:
-            return
-        if message.qos == QOS_2:
-            message.packet_id = session.next_packet_id
-            try:
-                await self._handle_qos2_message_flow(message)
-            except TimeoutError:
-                # amqtt's QoS 2 flow gives up after 5 s without PUBREC or PUBCOMP; so do we.
-                logger.warning(
-                    "client %r did not complete QoS 2 message %s", self.client_id, message.packet_id
-                )
-            return
-        if message.qos == QOS_1:
-            message.packet_id = session.next_packet_id
-            # In the session before it is sent: if the link drops now, a reconnect resends it.
-            session.inflight_out[message.packet_id] = message
-        packet = message.build_publish_packet()
-        message.publish_packet = packet
-        await self._send_packet(packet)
 
 
 class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships no types
@@ -444,6 +124,9 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         topic_check: decides subscribe, publish and receive directly (client id, action,
             topic), instead of amqtt's plugin round (which schedules a task per plugin and per
             message and cost about 39% of the fan-in throughput here).
+        store: the broker's state store, open: persistent sessions, their queued messages and
+            retained messages are read back from it on start and kept in it; None keeps
+            everything in memory only.
     """
 
     def __init__(
@@ -453,6 +136,7 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         max_offline_queue: int = DEFAULT_MAX_OFFLINE_QUEUE,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         topic_check: TopicCheck | None = None,
+        store: BrokerStore | None = None,
     ) -> None:
         """Configure the broker; nothing listens until `start`.
 
@@ -467,7 +151,32 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         self.max_offline_queue = max_offline_queue
         self.max_inflight = max_inflight
         self.topic_check = topic_check
+        self.store = store
         self._connect_lock = asyncio.Lock()
+
+    async def _start_listeners(self) -> None:
+        """Put back what the store holds, then listen: no client sees the broker half restored."""
+        if self.store is not None:
+            self._restore(self.store.take_restored())
+        await super()._start_listeners()
+
+    def _restore(self, state: RestoredState) -> None:
+        """Persistent sessions come back disconnected, with their subscriptions and queues."""
+        for stored in state.sessions:
+            handler, session = self.create_offline_session(stored.client_id)
+            session.clean_session = False
+            self._sessions[stored.client_id] = (session, handler)
+            for topic_filter, qos in stored.subscriptions:
+                self._subscriptions.setdefault(topic_filter, []).append((session, qos))
+            for message in stored.queue:
+                kept = KeptMessage(
+                    message.topic, message.payload, message.qos, row=message.row, dup=message.dup
+                )
+                session.retained_messages.put_nowait(kept)
+        for retained in state.retained:
+            self._retained_messages[retained.topic] = amqtt.broker.RetainedApplicationMessage(
+                None, retained.topic, retained.payload, retained.qos
+            )
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         """The ACL decision: the direct check when there is one, else amqtt's plugins."""
@@ -490,12 +199,12 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         """Serve a TCP (or TLS) connection."""
-        await self._client_connected(listener_name, StreamReaderAdapter(reader), _TcpWriter(writer))
+        await self._client_connected(listener_name, StreamReaderAdapter(reader), TcpWriter(writer))
 
     async def ws_connected(self, websocket: ServerConnection, listener_name: str) -> None:
         """Serve a WebSocket connection."""
         await self._client_connected(
-            listener_name, WebSocketsReader(websocket), _WsWriter(websocket)
+            listener_name, WebSocketsReader(websocket), WsWriter(websocket)
         )
 
     def create_offline_session(self, client_id: str) -> tuple[MeshchatProtocolHandler, Session]:
@@ -550,9 +259,12 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
             return
         async with self._connect_lock:
             await self._open_session(session)
+            if self.store is not None and _persistent(session) and not session.parent:
+                self.store.save_session(session.client_id)
             session.transitions.connect()
             handler.attach(session, reader, writer)
-            handler.will = _Will.of(session)
+            handler.store = self.store
+            handler.will = Will.of(session)
             self._sessions[session.client_id] = (session, handler)
         await handler.mqtt_connack_authorize(authorize=True)
         await self.plugins_manager.fire_event(
@@ -668,39 +380,75 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         handler: MeshchatProtocolHandler,
         wait_deliver: asyncio.Future[ApplicationMessage | None],
     ) -> bool:
-        """Route one PUBLISH from a client; returns True to keep serving the client."""
+        """Route one PUBLISH from a client; returns True to keep serving the client.
+
+        A QoS 1 PUBLISH whose PUBACK waits (an `InboundMessage`) always hears back: from
+        `_run_broadcast` once routed, or here with nothing to wait for when it is dropped.
+        """
         app_message = wait_deliver.result()
-        await self.plugins_manager.fire_event(
-            BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=app_message
-        )
-        if app_message is None:
-            return True
-        topic = app_message.topic
-        if not _valid_topic_name(topic):
-            logger.warning(
-                "[MQTT-4.7.3-1] client %r published to the invalid topic %r: disconnecting it",
-                client_session.client_id,
-                topic,
+        inbound = app_message if isinstance(app_message, InboundMessage) else None
+        try:
+            await self.plugins_manager.fire_event(
+                BrokerEvents.MESSAGE_RECEIVED,
+                client_id=client_session.client_id,
+                message=app_message,
             )
-            handler.abort()
-            return True
-        if topic.startswith("$"):
-            logger.warning(
-                "[MQTT-4.7.2-1] client %r published to %r; $ topics are the broker's: dropped",
-                client_session.client_id,
-                topic,
+            if app_message is None:
+                return True
+            topic = app_message.topic
+            if not _valid_topic_name(topic):
+                logger.warning(
+                    "[MQTT-4.7.3-1] client %r published to the invalid topic %r: disconnecting it",
+                    client_session.client_id,
+                    topic,
+                )
+                handler.abort()
+                return True
+            if topic.startswith("$"):
+                logger.warning(
+                    "[MQTT-4.7.2-1] client %r published to %r; $ topics are the broker's: dropped",
+                    client_session.client_id,
+                    topic,
+                )
+                return True
+            if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
+                logger.info("client %r may not publish to %r", client_session.client_id, topic)
+                return True
+            await self.plugins_manager.fire_event(
+                BrokerEvents.MESSAGE_BROADCAST,
+                client_id=client_session.client_id,
+                message=app_message,
             )
-            return True
-        if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
-            logger.info("client %r may not publish to %r", client_session.client_id, topic)
-            return True
-        await self.plugins_manager.fire_event(
-            BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=app_message
-        )
-        await self._broadcast_message(client_session, topic, app_message.data, app_message.qos)
-        if app_message.publish_packet is not None and app_message.publish_packet.retain_flag:
-            await self.retain_message(client_session, topic, app_message.data, app_message.qos)
+            floor = 0
+            if app_message.publish_packet is not None and app_message.publish_packet.retain_flag:
+                # Retained first: the PUBACK then waits for the routed copies and this one.
+                await self.retain_message(client_session, topic, app_message.data, app_message.qos)
+                floor = self.store.ticket if self.store is not None else 0
+            await self._broadcast_message(
+                client_session, topic, app_message.data, app_message.qos, inbound, floor
+            )
+            inbound = None  # _run_broadcast answers it now
+        finally:
+            if inbound is not None and not inbound.stored.done():
+                inbound.stored.set_result(None)  # dropped: nothing to wait for
         return True
+
+    async def _broadcast_message(  # noqa: PLR0917  # amqtt's signature, and two more
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+        inbound: InboundMessage | None = None,
+        floor: int = 0,
+    ) -> None:
+        """Queue a message for routing; `inbound` hears once it is stored (and `floor` is)."""
+        broadcast: dict[str, Any] = {"session": session, "topic": topic, "data": data}
+        if force_qos is not None:
+            broadcast["qos"] = force_qos
+        if inbound is not None:
+            broadcast["inbound"] = (inbound, floor)
+        await self._broadcast_queue.put(broadcast)
 
     async def _run_broadcast(self, running_tasks: Any) -> None:  # noqa: ANN401  # amqtt's deque
         """Queue one published message for every session subscribed to its topic."""
@@ -709,31 +457,54 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         topic: str = broadcast["topic"]
         data: bytes = broadcast["data"]
         published_qos: int | None = broadcast.get("qos")
-        for topic_filter, subscriptions in list(self._subscriptions.items()):
-            if not self._matches(topic, topic_filter):
-                continue
-            for target, granted in list(subscriptions):
-                qos = granted if published_qos is None else min(published_qos, granted)
-                await self._route(broadcast["session"], target, topic, data, qos)
+        stored = False
+        try:
+            for topic_filter, subscriptions in list(self._subscriptions.items()):
+                if not self._matches(topic, topic_filter):
+                    continue
+                for target, granted in list(subscriptions):
+                    qos = granted if published_qos is None else min(published_qos, granted)
+                    stored |= await self._route(broadcast["session"], target, topic, data, qos)
+        finally:
+            if "inbound" in broadcast:
+                inbound, floor = broadcast["inbound"]
+                if self.store is None:
+                    if not inbound.stored.done():
+                        inbound.stored.set_result(None)
+                else:
+                    self.store.when_durable(self.store.ticket if stored else floor, inbound.stored)
 
     async def _route(
         self, source: Session | None, target: Session, topic: str, data: bytes, qos: int
-    ) -> None:
+    ) -> bool:
+        """Queue a message for one session; returns whether it was stored for it."""
+        kept = self.store is not None and qos in {QOS_1, QOS_2} and _persistent(target)
         if target.transitions.state == "connected":
             if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
                 logger.debug("client %r may not receive %r", target.client_id, topic)
-                return
-            self._enqueue(target, OutgoingApplicationMessage(None, topic, qos, data, retain=False))
-        elif not target.clean_session and qos in {QOS_1, QOS_2} and not target.is_anonymous:
+                return False
+            row = self._keep(target, topic, data, qos) if kept else None
+            self._enqueue(target, QueuedMessage(topic, qos, data, row=row))
+        elif qos in {QOS_1, QOS_2} and _persistent(target):
             # Kept for an offline persistent session (MQTT-3.1.2-5). Whether the client may
             # receive it is decided when it is delivered (`run_outbox`): by then the policy may
             # have changed, and an access plugin knows who the client is only while connected.
-            # Kept as amqtt keeps it, so plugins (amqtt's session persistence) see the same.
-            kept = amqtt.broker.RetainedApplicationMessage(source, topic, data, qos)
-            self._enqueue(target, kept)
+            row = self._keep(target, topic, data, qos) if kept else None
+            message = KeptMessage(topic, data, qos, row=row)
+            message.source_session = source
+            self._enqueue(target, message)
             await self.plugins_manager.fire_event(
-                BrokerEvents.RETAINED_MESSAGE, client_id=target.client_id, retained_message=kept
+                BrokerEvents.RETAINED_MESSAGE, client_id=target.client_id, retained_message=message
             )
+        else:
+            return False
+        return kept
+
+    def _keep(self, session: Session, topic: str, data: bytes, qos: int) -> int:
+        """Store a message for a persistent session; returns its row."""
+        if self.store is None:
+            raise BrokerError("the broker keeps no state store")
+        return self.store.enqueue(str(session.client_id), topic, bytes(data), qos)
 
     def _enqueue(
         self, session: Session, message: ApplicationMessage, *, bounded: bool = True
@@ -741,7 +512,10 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         """Queue a message for a session; over the bound, the oldest queued message goes."""
         queue = session.retained_messages
         if bounded and queue.qsize() >= self.max_offline_queue:
-            queue.get_nowait()
+            dropped = queue.get_nowait()
+            row = dropped.row if isinstance(dropped, QueuedMessage | KeptMessage) else None
+            if row is not None and self.store is not None:
+                self.store.remove(row)
             if not session.attributes.get(_OVERFLOW_LOGGED):
                 session.attributes[_OVERFLOW_LOGGED] = True
                 logger.warning(
@@ -764,7 +538,7 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
                 logger.info("client %r may not receive retained %r", session.client_id, topic)
                 continue
             qos = granted if retained.qos is None else min(granted, retained.qos)
-            message = OutgoingApplicationMessage(None, topic, qos, retained.data, retain=True)
+            message = QueuedMessage(topic, qos, retained.data, retain=True)
             # Not bounded: the retained store is the broker's and finite, and the client asked.
             self._enqueue(session, message, bounded=False)
 
@@ -787,4 +561,65 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
             for index, (subscriber, _) in enumerate(subscriptions):
                 if subscriber.client_id == session.client_id:
                     subscriptions[index] = (session, granted)
+            if self.store is not None and _persistent(session):
+                self.store.save_subscription(str(session.client_id), subscription[0], granted)
+                await self._stored_before_ack(session, "subscription")
         return granted
+
+    async def _stored_before_ack(self, session: Session, what: str) -> None:
+        """Wait (bounded) until what was submitted to the store so far is committed."""
+        if self.store is None:
+            return
+        try:
+            await self.store.flush(SUBSCRIBE_DEADLINE)
+        except (TimeoutError, BrokerError) as exc:
+            # Acknowledged anyway: it holds in memory, and after a restart the client sees
+            # from the CONNACK's session-present flag, or missing messages, that it must redo.
+            logger.error(  # noqa: TRY400  # the cause is in the store's own log
+                "client %r: its %s was not stored (%s)",
+                session.client_id,
+                what,
+                str(exc) or "timed out",
+            )
+
+    async def _handle_unsubscription(
+        self,
+        client_session: Session,
+        handler: MeshchatProtocolHandler,
+        unsubscribe_waiter: asyncio.Future[Any],
+    ) -> None:
+        """Unsubscribe (amqtt's), and forget a persistent session's subscription in the store."""
+        unsubscription = unsubscribe_waiter.result()
+        for topic_filter in unsubscription.topics:
+            self._del_subscription(topic_filter, client_session)
+            if self.store is not None and _persistent(client_session):
+                self.store.drop_subscription(str(client_session.client_id), topic_filter)
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_UNSUBSCRIBED,
+                client_id=client_session.client_id,
+                topic=topic_filter,
+            )
+        await handler.mqtt_acknowledge_unsubscription(unsubscription.packet_id)
+
+    async def _delete_session(self, client_id: str) -> None:
+        """Forget a session (a clean session replaces it), in the store too."""
+        previous = self._sessions.get(client_id)
+        await super()._delete_session(client_id)
+        if self.store is not None and previous is not None and _persistent(previous[0]):
+            self.store.drop_session(client_id)
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        """Retain (or, with no data, clear) the message of a topic (amqtt's), in the store too."""
+        await super().retain_message(source_session, topic_name, data, qos)
+        if self.store is None or topic_name is None:
+            return
+        if data:
+            self.store.retain(topic_name, bytes(data), qos or QOS_0)
+        else:
+            self.store.unretain(topic_name)

@@ -14,6 +14,7 @@ import amqtt.errors
 
 from meshchat.broker.access import AccessGate
 from meshchat.broker.core import DEFAULT_MAX_OFFLINE_QUEUE, MIN_TLS_VERSION, MeshchatBroker
+from meshchat.broker.persist import BROKER_STATE_FILE, BrokerStore
 from meshchat.broker.plugins import is_loopback
 from meshchat.errors import AddressInUseError, BrokerError, ConfigError
 
@@ -97,6 +98,10 @@ class BrokerSettings:
         extra_plugins: more amqtt plugins, by dotted class path, with their configuration.
         max_offline_queue: messages kept for one session (while its client is away, or too slow
             to take them) before the oldest are dropped; the broker logs it once per session.
+        state_dir: where the broker keeps its state (`BROKER_STATE_FILE`, created 0600 in the
+            directory, which is created 0700 when missing): persistent sessions, their queued
+            QoS 1 messages and retained messages survive a restart, even ``kill -9``, and a
+            QoS 1 publish is acknowledged only once stored. None keeps it all in memory.
     """
 
     host: str = "127.0.0.1"
@@ -107,6 +112,7 @@ class BrokerSettings:
     wss_port: int | None = None
     extra_plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_offline_queue: int = DEFAULT_MAX_OFFLINE_QUEUE
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         """Reject settings no listener could use, with the setting's name in the message."""
@@ -196,6 +202,7 @@ class EmbeddedBroker:
         self.access = access
         self._state = BrokerState.NEW
         self._broker: Any = None
+        self._store: BrokerStore | None = None
         self._listeners: list[Listener] = []
 
     @property
@@ -248,7 +255,7 @@ class EmbeddedBroker:
 
         Raises:
             AddressInUseError: a port is taken; no listener stays open.
-            ConfigError: the TLS files cannot be used.
+            ConfigError: the TLS files or the state directory cannot be used.
             BrokerError: amqtt failed to start for another reason, or this broker ran before.
         """
         if self._state is not BrokerState.NEW:
@@ -259,10 +266,12 @@ class EmbeddedBroker:
         if self.settings.tls is not None:
             self.settings.tls.server_context()  # fail early, with a clear message
         try:
+            self._store = await self._open_store()
             self._broker = MeshchatBroker(
                 self._config(),
                 max_offline_queue=self.settings.max_offline_queue,
                 topic_check=self.access.check if self.access is not None else None,
+                store=self._store,
             )
             await self._broker.start()
         except amqtt.errors.BrokerError as exc:
@@ -277,6 +286,22 @@ class EmbeddedBroker:
         self._state = BrokerState.RUNNING
         for listener in self._listeners:
             logger.info("listening on %s", listener.url)
+
+    async def _open_store(self) -> BrokerStore | None:
+        state_dir = self.settings.state_dir
+        if state_dir is None:
+            return None
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"broker state directory {state_dir} is unusable: {exc.strerror or exc}"
+            ) from exc
+        store = BrokerStore(
+            state_dir / BROKER_STATE_FILE, max_queue=self.settings.max_offline_queue
+        )
+        await store.open()
+        return store
 
     def _bound_listeners(self) -> list[Listener]:
         servers = self._broker._servers  # noqa: SLF001  # amqtt exposes no public listener list
@@ -306,12 +331,16 @@ class EmbeddedBroker:
         return BrokerError(f"the embedded broker failed to start: {exc}")
 
     async def _close_partial_start(self) -> None:
-        """Close the listeners amqtt left open when a later one failed to start."""
-        if self._broker is None:
-            return
-        for server in list(self._broker._servers.values()):  # noqa: SLF001  # see _bound_listeners
-            await server.close_instance()
-        await self._broker.plugins_manager.close()
+        """Close the listeners amqtt left open when a later one failed to start, and the store."""
+        try:
+            if self._broker is None:
+                return
+            for server in list(self._broker._servers.values()):  # noqa: SLF001  # see _bound_listeners
+                await server.close_instance()
+            await self._broker.plugins_manager.close()
+        finally:
+            if self._store is not None:
+                await self._store.close()
 
     async def stop(self) -> None:
         """Disconnect every client and close every listener; a second call does nothing."""
@@ -321,6 +350,8 @@ class EmbeddedBroker:
         try:
             await self._broker.shutdown()
         finally:
+            if self._store is not None:
+                await self._store.close()  # after the broker: its last changes are committed
             self._state = BrokerState.STOPPED
             logger.info("broker stopped")
 

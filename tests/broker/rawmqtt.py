@@ -17,6 +17,7 @@ import aiomqtt
 
 __all__ = [
     "CONNECT",
+    "PUBACK",
     "PUBLISH",
     "Packet",
     "Publish",
@@ -218,11 +219,11 @@ class RawClient:
                 return packet.body[2]
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 0, packet_id: int = 1
+        self, topic: str, payload: bytes, *, qos: int = 0, packet_id: int = 1, retain: bool = False
     ) -> None:
         """Send a PUBLISH (without waiting for any acknowledgement)."""
         body = _string(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
-        await self.send(encode(PUBLISH, qos << 1, body))
+        await self.send(encode(PUBLISH, qos << 1 | int(retain), body))
 
     async def puback(self, packet_id: int) -> None:
         """Acknowledge a QoS 1 PUBLISH."""
