@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
 from meshchat.directory import Directory
@@ -95,6 +98,22 @@ def _exchange(port: int, topic: str, sub_auth: list[str], pub_auth: list[str]) -
         output.rest()
 
 
+async def _granted(port: int, user: str, password: str, topic: str) -> bool:
+    async with aiomqtt.Client(
+        "127.0.0.1", port, username=user, password=password, identifier=f"{user}.probe", timeout=10
+    ) as client:
+        return list(await client.subscribe(topic, qos=1)) == [1]
+
+
+def _wait_until_subscribable(port: int, user: str, password: str, topic: str) -> None:
+    """Each try is a real login and SUBSCRIBE, so the loop is paced by the server's answers."""
+    deadline = time.monotonic() + 10
+    while not asyncio.run(_granted(port, user, password, topic)):
+        if time.monotonic() > deadline:
+            msg = f"{user} still may not subscribe to {topic} after 10 s"
+            raise TimeoutError(msg)
+
+
 def _meshchat(data: Path, *args: str, stdin: str | None = None) -> None:
     subprocess.run(
         [MESHCHAT, *args, "--data", str(data)], input=stdin, text=True, check=True, timeout=60
@@ -112,6 +131,8 @@ def test_mosquitto_clients_exchange_a_message_as_directory_users(
     )
     _meshchat(data, "group", "create", "ops/general")
     _meshchat(data, "group", "add", "ops/general", "alice")
+    # The server notices the change within a fraction of a second: wait until it has.
+    _wait_until_subscribable(_port(urls["mqtt"]), "alice", "alice pass", "mc/demo/ops/general")
     alice = ["-u", "alice", "-P", "alice pass"]
     received = _exchange(
         _port(urls["mqtt"]),
