@@ -20,6 +20,7 @@ from meshchat.broker.embedded import (
     Scheme,
     TlsFiles,
 )
+from meshchat.broker.limits import DEFAULT_MAX_PAYLOAD, LimitedReader
 from meshchat.broker.mosquitto import (
     MOSQUITTO_MAX_PACKET_SIZE,
     MosquittoFiles,
@@ -34,6 +35,7 @@ __all__ = [
     "BROKER_STATE_FILE",
     "DEFAULT_MAX_INFLIGHT",
     "DEFAULT_MAX_OFFLINE_QUEUE",
+    "DEFAULT_MAX_PAYLOAD",
     "MOSQUITTO_MAX_PACKET_SIZE",
     "AccessGate",
     "BrokerSettings",
@@ -43,6 +45,7 @@ __all__ = [
     "DirectoryAuthPlugin",
     "DirectoryTopicPlugin",
     "EmbeddedBroker",
+    "LimitedReader",
     "Listener",
     "LoopbackOnlyAuthPlugin",
     "MeshchatBroker",

@@ -70,6 +70,7 @@ from meshchat.broker.handler import (
     Will,
     WsWriter,
 )
+from meshchat.broker.limits import DEFAULT_MAX_PAYLOAD, LimitedReader
 from meshchat.errors import BrokerError, ConfigError
 
 if TYPE_CHECKING:
@@ -114,12 +115,17 @@ TopicCheck = Callable[[str, Action, str], bool]
 """(client id, amqtt action, topic) -> allowed."""
 
 
+_MAX_MQTT_PACKET: Final = 268_435_455
+"""MQTT 3.1.1's largest remaining length."""
+
+
 class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships no types
     """The amqtt broker of meshchat: amqtt 0.12.1 with the overrides listed in this module.
 
     Args:
         config: amqtt's broker configuration (a dict, as `amqtt.broker.Broker` takes it).
         max_offline_queue: messages queued for one session before its oldest are dropped.
+        max_payload: largest packet body a client may send; a bigger one ends its connection.
         max_inflight: QoS 1 messages one client may have unacknowledged.
         topic_check: decides subscribe, publish and receive directly (client id, action,
             topic), instead of amqtt's plugin round (which schedules a task per plugin and per
@@ -134,6 +140,7 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         config: dict[str, Any],
         *,
         max_offline_queue: int = DEFAULT_MAX_OFFLINE_QUEUE,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         topic_check: TopicCheck | None = None,
         store: BrokerStore | None = None,
@@ -145,9 +152,12 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         """
         if max_offline_queue < 1:
             raise ConfigError(f"max-offline-queue {max_offline_queue} must be at least 1")
+        if not 1 <= max_payload <= _MAX_MQTT_PACKET:
+            raise ConfigError(f"max-payload {max_payload} is outside 1..{_MAX_MQTT_PACKET}")
         if not 1 <= max_inflight <= MAX_PACKET_ID:
             raise ConfigError(f"max-inflight {max_inflight} is outside 1..{MAX_PACKET_ID}")
         super().__init__(config)
+        self.max_payload = max_payload
         self.max_offline_queue = max_offline_queue
         self.max_inflight = max_inflight
         self.topic_check = topic_check
@@ -199,13 +209,19 @@ class MeshchatBroker(amqtt.broker.Broker):  # type: ignore[misc]  # amqtt ships 
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         """Serve a TCP (or TLS) connection."""
-        await self._client_connected(listener_name, StreamReaderAdapter(reader), TcpWriter(writer))
+        limited = LimitedReader(
+            StreamReaderAdapter(reader),
+            max_payload=self.max_payload,
+            peer=writer.get_extra_info("peername"),
+        )
+        await self._client_connected(listener_name, limited, TcpWriter(writer))
 
     async def ws_connected(self, websocket: ServerConnection, listener_name: str) -> None:
         """Serve a WebSocket connection."""
-        await self._client_connected(
-            listener_name, WebSocketsReader(websocket), WsWriter(websocket)
+        limited = LimitedReader(
+            WebSocketsReader(websocket), max_payload=self.max_payload, peer=websocket.remote_address
         )
+        await self._client_connected(listener_name, limited, WsWriter(websocket))
 
     def create_offline_session(self, client_id: str) -> tuple[MeshchatProtocolHandler, Session]:
         """A disconnected session (amqtt's plugins restore persistent sessions with it)."""

@@ -14,6 +14,7 @@ import amqtt.errors
 
 from meshchat.broker.access import AccessGate
 from meshchat.broker.core import DEFAULT_MAX_OFFLINE_QUEUE, MIN_TLS_VERSION, MeshchatBroker
+from meshchat.broker.limits import DEFAULT_MAX_PAYLOAD
 from meshchat.broker.persist import BROKER_STATE_FILE, BrokerStore
 from meshchat.broker.plugins import is_loopback
 from meshchat.errors import AddressInUseError, BrokerError, ConfigError
@@ -96,6 +97,8 @@ class BrokerSettings:
         tls_port: MQTT over TLS (8883 by default).
         wss_port: secure WebSocket; None means `ws_port` + 1 (or a free port when `ws_port` is 0).
         extra_plugins: more amqtt plugins, by dotted class path, with their configuration.
+        max_payload: largest packet body a client may send (256 KiB); a client that sends
+            a bigger one is disconnected, everyone else is served as before.
         max_offline_queue: messages kept for one session (while its client is away, or too slow
             to take them) before the oldest are dropped; the broker logs it once per session.
         state_dir: where the broker keeps its state (`BROKER_STATE_FILE`, created 0600 in the
@@ -112,6 +115,7 @@ class BrokerSettings:
     wss_port: int | None = None
     extra_plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_offline_queue: int = DEFAULT_MAX_OFFLINE_QUEUE
+    max_payload: int = DEFAULT_MAX_PAYLOAD
     state_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -270,6 +274,7 @@ class EmbeddedBroker:
             self._broker = MeshchatBroker(
                 self._config(),
                 max_offline_queue=self.settings.max_offline_queue,
+                max_payload=self.settings.max_payload,
                 topic_check=self.access.check if self.access is not None else None,
                 store=self._store,
             )
