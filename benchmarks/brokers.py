@@ -1,16 +1,21 @@
 """The brokers under test: how to start each one on a free loopback port and stop it again.
 
 A broker is a `BrokerSpec` in `BROKERS`; adding a column to the benchmark's table means adding
-a spec whose `start` yields a `RunningBroker` (for example amqtt without meshchat's wrapper).
-Every broker runs in its own process, in its own session so that Ctrl-C reaches only the
-benchmark, which stops it in a ``finally``.
+a spec whose `start` yields a `RunningBroker`. The columns: meshchat's embedded broker without
+authentication, plain amqtt (the reference of the 95% budget), meshchat's site broker with the
+directory's authentication and topic ACL on, and Mosquitto. Every broker runs in its own
+process, in its own session so that Ctrl-C reaches only the benchmark, which stops it in a
+``finally``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -18,15 +23,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from types import MappingProxyType
+from typing import IO, TYPE_CHECKING, Protocol
 
 import psutil
+from loadgen import Login
+from roster import DEPT, IDLE_USER, ORG, PUBLISHER_USER, SUBSCRIBER_USER, Roster
+
+from meshchat.directory import Directory
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Mapping
     from contextlib import AbstractContextManager
 
 __all__ = [
@@ -34,6 +44,7 @@ __all__ = [
     "BrokerSpec",
     "BrokerUnavailableError",
     "RunningBroker",
+    "build_directory",
     "free_port",
     "mosquitto_path",
     "mosquitto_version",
@@ -51,11 +62,32 @@ class BrokerUnavailableError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class RunningBroker:
-    """A broker process that accepts MQTT connections."""
+    """A broker process that accepts MQTT connections.
+
+    Attributes:
+        host: its address.
+        port: its MQTT port.
+        pid: its process.
+        logins: the credentials of every client id of the `Roster`, for a broker that
+            authenticates; empty when it takes anonymous clients.
+        sessions: how it keeps persistent sessions, when it says (``in memory``, ...).
+    """
 
     host: str
     port: int
     pid: int
+    logins: Mapping[str, Login] = field(default_factory=dict, repr=False)
+    sessions: str = ""
+
+    def logins_of(self, client_ids: tuple[str, ...]) -> tuple[Login, ...]:
+        """The credentials of `client_ids`, in order; empty for an anonymous broker.
+
+        Raises:
+            KeyError: the broker authenticates and has no credentials for one of them.
+        """
+        if not self.logins:
+            return ()
+        return tuple(self.logins[client_id] for client_id in client_ids)
 
     def process(self) -> psutil.Process:
         """The broker's process, for its resident set and CPU time."""
@@ -77,6 +109,19 @@ class RunningBroker:
                 os.sched_setaffinity(thread.id, cpus)
 
 
+class Starter(Protocol):
+    """Starts a broker whose files go in `workdir`, for the clients of `roster`.
+
+    `durable` asks for the broker's durable session store, where it has one.
+    """
+
+    def __call__(
+        self, workdir: Path, roster: Roster, *, durable: bool = False
+    ) -> AbstractContextManager[RunningBroker]:
+        """A context manager that starts the broker and stops it on exit."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerSpec:
     """One column of the table.
@@ -85,13 +130,13 @@ class BrokerSpec:
         key: the broker's key in the JSON results.
         label: the column header.
         version: what runs, for the JSON (for example ``amqtt 0.12.1``).
-        start: a context manager that starts the broker in `workdir` and stops it on exit.
+        start: starts the broker and stops it on exit.
     """
 
     key: str
     label: str
     version: Callable[[], str]
-    start: Callable[[Path], AbstractContextManager[RunningBroker]]
+    start: Starter
 
 
 def free_port() -> int:
@@ -126,8 +171,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(_STOP_TIMEOUT_S)
 
 
-def _read_port(stream: IO[bytes], process: subprocess.Popen[bytes], log: Path) -> int:
-    """Read the ``PORT <n>`` line the embedded broker prints once it listens."""
+def _read_port(stream: IO[bytes], process: subprocess.Popen[bytes], log: Path) -> tuple[int, str]:
+    """Read the ``PORT <n> [<sessions>]`` line a Python broker child prints once it listens."""
     deadline = time.monotonic() + _START_TIMEOUT_S
     os.set_blocking(stream.fileno(), False)
     buffer = b""
@@ -135,37 +180,104 @@ def _read_port(stream: IO[bytes], process: subprocess.Popen[bytes], log: Path) -
         chunk = stream.read()
         if chunk:
             buffer += chunk
-            match = re.search(rb"^PORT (\d+)$", buffer, re.MULTILINE)
+            match = re.search(rb"^PORT (\d+) ?(.*)\n", buffer, re.MULTILINE)
             if match:
-                return int(match.group(1))
+                return int(match.group(1)), match.group(2).decode()
         if process.poll() is not None:
             raise BrokerUnavailableError(
-                f"the embedded broker exited with {process.returncode}: {log.read_text()[-2000:]}"
+                f"the broker exited with {process.returncode}: {log.read_text()[-2000:]}"
             )
         time.sleep(0.02)
-    raise BrokerUnavailableError("the embedded broker did not report its port in time")
+    raise BrokerUnavailableError("the broker did not report its port in time")
 
 
 @contextlib.contextmanager
-def start_embedded(workdir: Path) -> Iterator[RunningBroker]:
-    """Run meshchat's embedded broker (amqtt) in a child Python process."""
-    log = workdir / "embedded.log"
-    with log.open("wb") as errors:
+def _python_broker(
+    script: str, args: list[str], log: Path, logins: Mapping[str, Login] | None = None
+) -> Iterator[RunningBroker]:
+    """Run one of the broker scripts beside this module in a child Python process."""
+    with log.open("ab") as errors:
         process = subprocess.Popen(
-            [sys.executable, str(_HERE / "embedded_broker.py")],
+            [sys.executable, str(_HERE / script), *args],
             stdout=subprocess.PIPE,
             stderr=errors,
             start_new_session=True,
         )
         try:
             assert process.stdout is not None  # stdout=PIPE above
-            port = _read_port(process.stdout, process, log)
+            port, sessions = _read_port(process.stdout, process, log)
             _wait_accepting(port, process, log)
-            yield RunningBroker(HOST, port, process.pid)
+            yield RunningBroker(HOST, port, process.pid, logins or {}, sessions)
         finally:
             _stop(process)
             if process.stdout is not None:
                 process.stdout.close()
+
+
+def start_embedded(
+    workdir: Path, roster: Roster, *, durable: bool = False
+) -> AbstractContextManager[RunningBroker]:
+    """Run meshchat's embedded broker (amqtt), anonymous clients from loopback, in a child."""
+    del roster, durable  # anonymous clients; sessions in memory
+    return _python_broker("embedded_broker.py", [], workdir / "embedded.log")
+
+
+def start_raw_amqtt(
+    workdir: Path, roster: Roster, *, durable: bool = False
+) -> AbstractContextManager[RunningBroker]:
+    """Run plain `amqtt.broker.Broker` (anonymous plugin only) in a child Python process."""
+    del roster, durable  # anonymous clients; amqtt keeps sessions in memory only
+    return _python_broker("raw_amqtt_broker.py", [], workdir / "raw-amqtt.log")
+
+
+ADMIN = "admin"
+
+
+def build_directory(path: Path, roster: Roster) -> dict[str, Login]:
+    """A meshchat directory at `path` with a device for every client of `roster`.
+
+    One org (`roster.ORG`), users that own the devices, every group with the publishing and
+    subscribing users as members. Devices log in with their token (a fast hash check; a
+    password is argon2id, about 0.17 s a connect).
+
+    Returns:
+        The credentials of every client id.
+    """
+    with Directory(path) as directory:
+        directory.init_org(ORG, admin=ADMIN, password=secrets.token_urlsafe(16), dept=DEPT)
+        for user in (PUBLISHER_USER, SUBSCRIBER_USER, IDLE_USER):
+            directory.add_user(ADMIN, user, dept=DEPT)
+        for group in roster.groups():
+            directory.create_group(ADMIN, group)
+            directory.add_members(ADMIN, group, [PUBLISHER_USER, SUBSCRIBER_USER])
+        return {
+            device: Login(owner, directory.add_device(ADMIN, device, owner=owner))
+            for device, owner in roster.devices().items()
+        }
+
+
+@functools.cache
+def _directory_template(workdir: Path, roster: Roster) -> tuple[Path, Mapping[str, Login]]:
+    """The directory of `roster`, built once per run; every site broker starts from a copy."""
+    path = workdir / (
+        f"directory-{roster.publishers}-{roster.fanout_subscribers}-{roster.idle_clients}.db"
+    )
+    return path, MappingProxyType(build_directory(path, roster))
+
+
+_site_starts = itertools.count()
+
+
+def start_site(
+    workdir: Path, roster: Roster, *, durable: bool = False
+) -> AbstractContextManager[RunningBroker]:
+    """Run meshchat's site broker (auth + ACL from a directory) in a child Python process."""
+    template, logins = _directory_template(workdir, roster)
+    data = workdir / f"site-{next(_site_starts)}"
+    args = ["--directory", str(template), "--data", str(data)]
+    return _python_broker(
+        "site_broker.py", [*args, "--durable"] if durable else args, workdir / "site.log", logins
+    )
 
 
 def mosquitto_path() -> str | None:
@@ -204,8 +316,11 @@ log_type warning
 
 
 @contextlib.contextmanager
-def start_mosquitto(workdir: Path) -> Iterator[RunningBroker]:
+def start_mosquitto(
+    workdir: Path, roster: Roster, *, durable: bool = False
+) -> Iterator[RunningBroker]:
     """Run Mosquitto on a free loopback port with a temporary configuration."""
+    del roster, durable  # anonymous clients; persistence off
     path = mosquitto_path()
     if path is None:
         raise BrokerUnavailableError("Mosquitto is not installed (make mosquitto)")
@@ -227,12 +342,28 @@ def start_mosquitto(workdir: Path) -> Iterator[RunningBroker]:
             _stop(process)
 
 
+def _amqtt_version() -> str:
+    return f"amqtt {metadata.version('amqtt')}"
+
+
 BROKERS: tuple[BrokerSpec, ...] = (
     BrokerSpec(
         key="embedded",
         label="embedded (amqtt)",
-        version=lambda: f"amqtt {metadata.version('amqtt')}",
+        version=_amqtt_version,
         start=start_embedded,
+    ),
+    BrokerSpec(
+        key="amqtt",
+        label="raw amqtt",
+        version=_amqtt_version,
+        start=start_raw_amqtt,
+    ),
+    BrokerSpec(
+        key="meshchat",
+        label="meshchat (auth+ACL)",
+        version=lambda: f"meshchat site broker on {_amqtt_version()}",
+        start=start_site,
     ),
     BrokerSpec(
         key="mosquitto",

@@ -8,7 +8,8 @@ the parent, which terminates them.
 Publishers and subscribers are paho-mqtt clients driven by paho's own network steps
 (``loop_read``, ``loop_write``, ``loop_misc``) from one selector per process, so one process
 serves many clients without a thread per client. Idle clients are raw asyncio sockets that send
-CONNECT and wait for CONNACK, which is all an idle client costs a broker.
+CONNECT and wait for CONNACK, which is all an idle client costs a broker. Every client logs in
+with its own `Login` when the broker authenticates (device tokens on meshchat's site broker).
 
 Every timestamp is ``CLOCK_MONOTONIC`` in nanoseconds: on Linux that clock is system-wide, so
 the parent and all workers can compare their times directly.
@@ -36,8 +37,11 @@ if TYPE_CHECKING:
     from multiprocessing.queues import Queue
     from multiprocessing.synchronize import Event
 
+    from paho.mqtt.reasoncodes import ReasonCode
+
 __all__ = [
     "IdleJob",
+    "Login",
     "PublishJob",
     "Report",
     "SubscribeJob",
@@ -68,6 +72,14 @@ def raise_fd_limit() -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Login:
+    """The user name and password (or device token) a client sends in its CONNECT."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class PublishJob:
     """Publish `count` messages from each client, flat out or paced at `rate` per second.
 
@@ -76,8 +88,8 @@ class PublishJob:
         host: the broker's address.
         port: the broker's port.
         client_ids: one paho client per id, all in this process.
-        topic: the topic prefix; each client publishes to ``<topic>/<client id>`` or, with
-            `shared_topic`, to `topic` itself.
+        topics: the topic each client publishes to, in the order of `client_ids`.
+        fence_topic: where the QoS 1 fence goes (see `fence`); nobody subscribes to it.
         qos: 0 or 1.
         count: messages per client.
         payload_size: bytes per payload; the first 8 carry the send time.
@@ -85,6 +97,8 @@ class PublishJob:
         inflight: the most unacknowledged QoS 1 messages per client.
         fence: after the last QoS 0 message, publish one QoS 1 message and wait for its
             PUBACK, which proves the broker has read everything sent before it.
+        logins: the credentials of each client, in the order of `client_ids`; empty for a
+            broker that takes anonymous clients.
         setup_timeout_s: the longest wait for connections and for ``go``.
         run_timeout_s: the hard deadline of the job, counted from ``go``.
     """
@@ -93,31 +107,35 @@ class PublishJob:
     host: str
     port: int
     client_ids: tuple[str, ...]
-    topic: str
+    topics: tuple[str, ...]
+    fence_topic: str
     qos: int
     count: int
     payload_size: int
     rate: float = 0.0
     inflight: int = 20
-    shared_topic: bool = False
     fence: bool = True
+    logins: tuple[Login, ...] = ()
     setup_timeout_s: float = 30.0
     run_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class SubscribeJob:
-    """Subscribe each client to `topic_filter` and count what arrives.
+    """Subscribe each client to `topic_filters` and count what arrives.
 
     Attributes:
         name: the worker's name in reports.
         host: the broker's address.
         port: the broker's port.
         client_ids: one paho client per id, all in this process.
-        topic_filter: the filter every client subscribes to.
-        qos: the subscription's QoS.
+        topic_filters: the filters every client subscribes to, in one SUBSCRIBE.
+        qos: the subscriptions' QoS.
         expected: messages each client should receive; the job ends when all have arrived.
         latency: record the latency of every message from the send time in its payload.
+        clean_session: False connects with a persistent session (MQTT clean session 0).
+        logins: the credentials of each client, in the order of `client_ids`; empty for a
+            broker that takes anonymous clients.
         drain_idle_s: after the parent sets ``stop`` (publishers are done), end when nothing
             has arrived for this long; what is missing then is reported as lost.
         setup_timeout_s: the longest wait for connections and for ``go``.
@@ -128,10 +146,12 @@ class SubscribeJob:
     host: str
     port: int
     client_ids: tuple[str, ...]
-    topic_filter: str
+    topic_filters: tuple[str, ...]
     qos: int
     expected: int
     latency: bool = False
+    clean_session: bool = True
+    logins: tuple[Login, ...] = ()
     drain_idle_s: float = 2.0
     setup_timeout_s: float = 30.0
     run_timeout_s: float = 60.0
@@ -139,14 +159,15 @@ class SubscribeJob:
 
 @dataclass(frozen=True, slots=True)
 class IdleJob:
-    """Open `clients` MQTT connections that then stay idle until the parent sets ``stop``.
+    """Open one MQTT connection per client id; they stay idle until the parent sets ``stop``.
 
     Attributes:
         name: the worker's name in reports.
         host: the broker's address.
         port: the broker's port.
-        client_prefix: client ids are ``<prefix>-<n>``.
-        clients: how many connections to open.
+        client_ids: one connection per id.
+        logins: the credentials of each client, in the order of `client_ids`; empty for a
+            broker that takes anonymous clients.
         concurrency: connections being opened at once (the listen backlog is finite).
         keepalive_s: the keep-alive announced in CONNECT; longer than the run, so no pings.
         setup_timeout_s: the longest wait for all connections.
@@ -156,8 +177,8 @@ class IdleJob:
     name: str
     host: str
     port: int
-    client_prefix: str
-    clients: int
+    client_ids: tuple[str, ...]
+    logins: tuple[Login, ...] = ()
     concurrency: int = 50
     keepalive_s: int = 900
     setup_timeout_s: float = 60.0
@@ -213,6 +234,7 @@ class _Pool:
         self.port = port
         self.clients: list[mqtt.Client] = []
         self.lost: list[str] = []
+        self.refused: list[str] = []
         self._selector = selectors.DefaultSelector()
         self._masks: dict[mqtt.Client, int] = {}
         self._ids: dict[mqtt.Client, str] = {}
@@ -220,19 +242,39 @@ class _Pool:
         self.progress = 0
         """Packets handled so far, counted by the callbacks; lets `pump` read in bursts."""
 
-    def connect(self, client_ids: Sequence[str], deadline_ns: int, inflight: int = 20) -> None:
+    def connect(
+        self,
+        client_ids: Sequence[str],
+        deadline_ns: int,
+        *,
+        inflight: int = 20,
+        logins: Sequence[Login] = (),
+        clean_session: bool = True,
+    ) -> None:
         """Connect one client per id, `inflight` QoS 1 messages at most, and wait for CONNACK.
 
+        Args:
+            client_ids: one client per id.
+            deadline_ns: when to give up waiting for CONNACK (monotonic ns).
+            inflight: the most unacknowledged QoS 1 messages per client.
+            logins: credentials, one per client id; empty for anonymous clients.
+            clean_session: False asks the broker for persistent sessions.
+
         Raises:
-            _WorkerError: a connection failed or the deadline passed.
+            _WorkerError: a connection failed or was refused, or the deadline passed.
         """
-        for client_id in client_ids:
+        if logins and len(logins) != len(client_ids):
+            raise _WorkerError(f"{len(logins)} logins for {len(client_ids)} clients")
+        for n, client_id in enumerate(client_ids):
             client = mqtt.Client(
                 CallbackAPIVersion.VERSION2,
                 client_id=client_id,
                 protocol=mqtt.MQTTv311,
-                clean_session=True,
+                clean_session=clean_session,
             )
+            if logins:
+                client.username_pw_set(logins[n].username, logins[n].password)
+            client.on_connect = self._on_connect
             client.on_socket_close = self._on_socket_close
             client.on_disconnect = self._on_disconnect
             client.max_inflight_messages_set(max(inflight, 1))
@@ -258,6 +300,8 @@ class _Pool:
             _WorkerError: a client lost its connection.
         """
         while not condition():
+            if self.refused:
+                raise _WorkerError(f"the broker refused {self.refused[0]}")
             if self.lost:
                 raise _WorkerError(f"lost the connection of {self.lost[0]} waiting for {what}")
             if monotonic_ns() > deadline_ns:
@@ -292,12 +336,27 @@ class _Pool:
             for client in list(self._masks):
                 client.loop_misc()
 
+    def client_id(self, client: mqtt.Client) -> str:
+        """The id `client` connected with."""
+        return self._ids.get(client, "?")
+
     def close(self) -> None:
         """Disconnect every client politely, then close the selector."""
         for client in list(self._masks):
             with contextlib.suppress(Exception):
                 client.disconnect()
         self._selector.close()
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _userdata: object,
+        _flags: object,
+        reason: ReasonCode,
+        _properties: object,
+    ) -> None:
+        if reason.is_failure:
+            self.refused.append(f"the connection of {self.client_id(client)}: {reason}")
 
     def _on_socket_close(
         self, client: mqtt.Client, _userdata: object, sock: mqtt.SocketLike
@@ -315,7 +374,7 @@ class _Pool:
         _properties: object,
     ) -> None:
         if getattr(reason, "is_failure", True):
-            self.lost.append(self._ids.get(client, "?"))
+            self.lost.append(self.client_id(client))
 
 
 class _Publisher:
@@ -335,7 +394,11 @@ class _Publisher:
         job = self.job
         setup_deadline = monotonic_ns() + int(job.setup_timeout_s * 1e9)
         try:
-            self.pool.connect(job.client_ids, setup_deadline, job.inflight)
+            if len(job.topics) != len(job.client_ids):
+                raise _WorkerError(f"{len(job.topics)} topics for {len(job.client_ids)} clients")
+            self.pool.connect(
+                job.client_ids, setup_deadline, inflight=job.inflight, logins=job.logins
+            )
             for client in self.pool.clients:
                 # Only QoS 1 needs the callback; for QoS 0 paho would build a reason code and
                 # properties per message just to call it, a third of the generator's time.
@@ -363,7 +426,7 @@ class _Publisher:
         start = monotonic_ns()
         deadline = start + int(job.run_timeout_s * 1e9)
         period_ns = int(1e9 / job.rate) if job.rate > 0 else 0
-        topics = [job.topic if job.shared_topic else f"{job.topic}/{c}" for c in job.client_ids]
+        topics = job.topics
         sent = [0] * len(pool.clients)
         timed_out = False
         while min(sent) < job.count:
@@ -385,9 +448,7 @@ class _Publisher:
             done = pool.pump_until(lambda: sum(self.acked.values()) >= total, deadline, "PUBACK")
             timed_out = timed_out or not done
         elif job.fence and not timed_out:
-            fences = [
-                c.publish(f"{t}/fence", b"", 1) for c, t in zip(pool.clients, topics, strict=True)
-            ]
+            fences = [c.publish(job.fence_topic, b"", 1) for c in pool.clients]
             done = pool.pump_until(lambda: all(f.is_published() for f in fences), deadline, "fence")
             timed_out = not done
         return {
@@ -436,20 +497,28 @@ class _Subscriber:
         self.last_ns = 0
         self.latencies_ns = array("q")
         self.subacks = 0
+        self.denied: list[str] = []
 
     def run(self) -> None:
         """Connect, subscribe, wait for ``go``, count until done, report."""
         job = self.job
         setup_deadline = monotonic_ns() + int(job.setup_timeout_s * 1e9)
         try:
-            self.pool.connect(job.client_ids, setup_deadline)
+            self.pool.connect(
+                job.client_ids,
+                setup_deadline,
+                logins=job.logins,
+                clean_session=job.clean_session,
+            )
             for client in self.pool.clients:
                 client.on_message = self._on_latency if job.latency else self._on_message
                 client.on_subscribe = self._on_subscribe
-                client.subscribe(job.topic_filter, job.qos)
+                client.subscribe([(f, job.qos) for f in job.topic_filters])
             subscribed = self.pool.pump_until(
                 lambda: self.subacks >= len(self.pool.clients), setup_deadline, "SUBACK"
             )
+            if self.denied:
+                raise _WorkerError(f"the broker refused the subscription {self.denied[0]}")
             if not subscribed:
                 raise _WorkerError("timed out waiting for SUBACK")
             self.reports.put(Report(job.name, "ready"))
@@ -461,8 +530,19 @@ class _Subscriber:
         finally:
             self.pool.close()
 
-    def _on_subscribe(self, *_args: object) -> None:
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        _userdata: object,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _properties: object,
+    ) -> None:
         self.subacks += 1
+        # An ACL refusal is a SUBACK with 0x80 in place of a granted QoS.
+        for topic_filter, reason in zip(self.job.topic_filters, reasons, strict=False):
+            if reason.is_failure:
+                self.denied.append(f"of {self.pool.client_id(client)} to {topic_filter!r}")
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, _msg: mqtt.MQTTMessage) -> None:
         now = monotonic_ns()
@@ -513,15 +593,19 @@ class _Subscriber:
         }
 
 
-def _connect_packet(client_id: str, keepalive_s: int) -> bytes:
-    """An MQTT 3.1.1 CONNECT with a clean session and no credentials."""
-    ident = client_id.encode()
-    body = (
-        b"\x00\x04MQTT\x04\x02"
-        + keepalive_s.to_bytes(2, "big")
-        + len(ident).to_bytes(2, "big")
-        + ident
-    )
+def _field(value: str) -> bytes:
+    """An MQTT UTF-8 string: two length bytes, then the bytes."""
+    data = value.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _connect_packet(client_id: str, keepalive_s: int, login: Login | None = None) -> bytes:
+    """An MQTT 3.1.1 CONNECT with a clean session, and credentials when `login` is given."""
+    flags = 0x02 | (0xC0 if login is not None else 0)  # clean session; user name and password
+    body = b"\x00\x04MQTT\x04" + bytes([flags]) + keepalive_s.to_bytes(2, "big")
+    body += _field(client_id)
+    if login is not None:
+        body += _field(login.username) + _field(login.password)
     length = len(body)
     encoded = bytearray()
     while True:
@@ -534,6 +618,8 @@ def _connect_packet(client_id: str, keepalive_s: int) -> bytes:
 
 async def _hold_idle(job: IdleJob, reports: Queue[Report], go: Event, stop: Event) -> None:
     """Open the connections of an `IdleJob`, report, hold them until ``stop``, close them."""
+    if job.logins and len(job.logins) != len(job.client_ids):
+        raise _WorkerError(f"{len(job.logins)} logins for {len(job.client_ids)} clients")
     gate = asyncio.Semaphore(max(job.concurrency, 1))
     streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     failures: list[str] = []
@@ -543,7 +629,8 @@ async def _hold_idle(job: IdleJob, reports: Queue[Report], go: Event, stop: Even
             try:
                 async with asyncio.timeout(10):
                     reader, writer = await asyncio.open_connection(job.host, job.port)
-                    writer.write(_connect_packet(f"{job.client_prefix}-{n}", job.keepalive_s))
+                    login = job.logins[n] if job.logins else None
+                    writer.write(_connect_packet(job.client_ids[n], job.keepalive_s, login))
                     connack = await reader.readexactly(4)
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
@@ -557,7 +644,7 @@ async def _hold_idle(job: IdleJob, reports: Queue[Report], go: Event, stop: Even
     started = monotonic_ns()
     try:
         async with asyncio.timeout(job.setup_timeout_s), asyncio.TaskGroup() as group:
-            for n in range(job.clients):
+            for n in range(len(job.client_ids)):
                 group.create_task(open_one(n), name=f"loadgen[idle].connect-{n}")
     except TimeoutError:
         failures.append("timed out opening the connections")
@@ -567,7 +654,7 @@ async def _hold_idle(job: IdleJob, reports: Queue[Report], go: Event, stop: Even
             "ready",
             {
                 "connected": len(streams),
-                "failed": job.clients - len(streams),
+                "failed": len(job.client_ids) - len(streams),
                 "errors": sorted(set(failures))[:5],
                 "connect_s": (monotonic_ns() - started) / 1e9,
             },

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from harness import CpuSampler, Workers
 from loadgen import IdleJob, PublishJob, SubscribeJob
+from roster import Roster
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -33,9 +33,14 @@ __all__ = [
     "fan_out",
     "idle_rss",
     "latency",
+    "roster",
 ]
 
+T = TypeVar("T")
+
 _GRACE_S = 5.0
+_CONTENDED = 0.10
+"""Above this share of the broker's core used by other processes, a number is flagged."""
 _CONNECT_CONCURRENCY = 50
 
 
@@ -68,15 +73,15 @@ class Params:
 
     publishers: int = 10
     publisher_procs: int = 2
-    fanin_qos0_count: int = 5_000
+    fanin_qos0_count: int = 4_000
     fanin_qos1_count: int = 2_000
     inflight: int = 20
     fanout_subscribers: int = 100
     subscriber_procs: int = 4
-    fanout_count: int = 1_000
+    fanout_count: int = 800
     latency_rate: float = 500.0
-    latency_count: int = 5_000
-    latency_warmup: int = 250
+    latency_count: int = 1_500
+    latency_warmup: int = 150
     idle_clients: int = 1_000
     idle_procs: int = 2
     payload_size: int = 100
@@ -85,22 +90,22 @@ class Params:
     drain_idle_s: float = 2.0
     settle_s: float = 1.0
     repeats: int = 3
-    budget_s: float = 210.0
+    budget_s: float = 280.0
 
 
 QUICK = Params(
     fanin_qos0_count=500,
     fanin_qos1_count=200,
     fanout_count=100,
-    latency_count=1_000,
+    latency_count=500,
     latency_warmup=50,
     idle_clients=300,
     setup_timeout_s=15.0,
     run_timeout_s=15.0,
     drain_idle_s=1.0,
-    settle_s=0.5,
+    settle_s=0.3,
     repeats=1,
-    budget_s=50.0,
+    budget_s=45.0,
 )
 
 
@@ -126,14 +131,19 @@ class Measurement:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def _split(items: Sequence[str], parts: int) -> list[tuple[str, ...]]:
+def roster(params: Params) -> Roster:
+    """The clients and topics of a run with `params`."""
+    return Roster(
+        publishers=params.publishers,
+        fanout_subscribers=params.fanout_subscribers,
+        idle_clients=params.idle_clients,
+    )
+
+
+def _split(items: Sequence[T], parts: int) -> list[tuple[T, ...]]:
     """`items` in at most `parts` nearly equal, non-empty slices."""
     parts = max(1, min(parts, len(items)))
     return [tuple(items[i::parts]) for i in range(parts)]
-
-
-def _run_id() -> str:
-    return uuid.uuid4().hex[:8]
 
 
 def _flag(result: Measurement, workers: Workers) -> None:
@@ -146,33 +156,33 @@ def _publishers(
     broker: RunningBroker,
     params: Params,
     *,
-    topic: str,
+    client_ids: Sequence[str],
+    topics: Sequence[str],
     qos: int,
     count: int,
-    clients: int,
     procs: int,
-    shared_topic: bool,
     rate: float = 0.0,
 ) -> list[PublishJob]:
-    run = topic.split("/")[1]
-    ids = [f"pub-{run}-{n}" for n in range(clients)]
+    """Publisher jobs: client `n` publishes to `topics[n]`, clients spread over `procs`."""
+    logins = broker.logins_of(tuple(client_ids))
     return [
         PublishJob(
             name=f"pub{i}",
             host=broker.host,
             port=broker.port,
-            client_ids=chunk,
-            topic=topic,
+            client_ids=tuple(client_ids[n] for n in chunk),
+            topics=tuple(topics[n] for n in chunk),
+            fence_topic=Roster.fence_topic,
             qos=qos,
             count=count,
             payload_size=params.payload_size,
             rate=rate,
             inflight=params.inflight,
-            shared_topic=shared_topic,
+            logins=tuple(logins[n] for n in chunk) if logins else (),
             setup_timeout_s=params.setup_timeout_s,
             run_timeout_s=params.run_timeout_s,
         )
-        for i, chunk in enumerate(_split(ids, procs))
+        for i, chunk in enumerate(_split(range(len(client_ids)), procs))
     ]
 
 
@@ -180,30 +190,33 @@ def _subscribers(
     broker: RunningBroker,
     params: Params,
     *,
-    topic_filter: str,
+    client_ids: Sequence[str],
+    topic_filters: tuple[str, ...],
     qos: int,
     expected: int,
-    clients: int,
     procs: int,
     latency: bool = False,
+    clean_session: bool = True,
 ) -> list[SubscribeJob]:
-    run = topic_filter.split("/")[1]
-    ids = [f"sub-{run}-{n}" for n in range(clients)]
+    """Subscriber jobs: every client subscribes to every filter, clients spread over `procs`."""
+    logins = broker.logins_of(tuple(client_ids))
     return [
         SubscribeJob(
             name=f"sub{i}",
             host=broker.host,
             port=broker.port,
-            client_ids=chunk,
-            topic_filter=topic_filter,
+            client_ids=tuple(client_ids[n] for n in chunk),
+            topic_filters=topic_filters,
             qos=qos,
             expected=expected,
             latency=latency,
+            clean_session=clean_session,
+            logins=tuple(logins[n] for n in chunk) if logins else (),
             drain_idle_s=params.drain_idle_s,
             setup_timeout_s=params.setup_timeout_s,
             run_timeout_s=params.run_timeout_s + params.drain_idle_s + _GRACE_S,
         )
-        for i, chunk in enumerate(_split(ids, procs))
+        for i, chunk in enumerate(_split(range(len(client_ids)), procs))
     ]
 
 
@@ -260,6 +273,16 @@ def _flow(
         return _Flow(go_ns, planned, pub, sub, cpu)
 
 
+def _contention(flow: _Flow, result: Measurement, end_ns: int) -> None:
+    """Flag a number measured while other processes took a share of the broker's core."""
+    others = flow.cpu.others(flow.go_ns, end_ns)
+    result.detail["others_on_broker_core"] = others
+    if others is not None and others > _CONTENDED:
+        result.notes.append(
+            f"other processes used {others:.0%} of the broker's core meanwhile: not reliable"
+        )
+
+
 def _rate(count: int, start_ns: int, end_ns: int) -> float | None:
     return count / ((end_ns - start_ns) / 1e9) if count and end_ns > start_ns else None
 
@@ -280,6 +303,7 @@ def _delivery(flow: _Flow, result: Measurement) -> Measurement:
     last = flow.last_ns()
     result.value = _rate(received, flow.go_ns, last)
     result.broker_cpu = flow.cpu.share(flow.go_ns, last)
+    _contention(flow, result, last)
     offered = _rate(sent, flow.go_ns, flow.pub_end_ns())
     _shortfall(flow, result)
     if received < expected:
@@ -300,54 +324,63 @@ def _delivery(flow: _Flow, result: Measurement) -> Measurement:
     return result
 
 
-def fan_in(broker: RunningBroker, params: Params, qos: int) -> Measurement:
-    """Publishers on their own topics, one subscriber on a wildcard: messages/s delivered."""
-    topic = f"bench/{_run_id()}/fanin"
+def fan_in(
+    broker: RunningBroker, params: Params, qos: int, *, persistent: bool = False
+) -> Measurement:
+    """Publishers on their own topics, one subscriber of all of them: messages/s delivered.
+
+    With `persistent` the subscriber has a persistent session (clean session 0): the durable
+    path of the broker, with the subscriber online.
+    """
+    crew = roster(params)
     count = params.fanin_qos1_count if qos else params.fanin_qos0_count
     pubs = _publishers(
         broker,
         params,
-        topic=topic,
+        client_ids=crew.publisher_ids(),
+        topics=crew.fanin_topics(),
         qos=qos,
         count=count,
-        clients=params.publishers,
         procs=params.publisher_procs,
-        shared_topic=False,
     )
+    subscriber = crew.durable_subscriber if persistent else crew.fanin_subscriber
     subs = _subscribers(
         broker,
         params,
-        topic_filter=f"{topic}/+",
+        client_ids=(subscriber,),
+        topic_filters=crew.fanin_topics(),
         qos=qos,
         expected=params.publishers * count,
-        clients=1,
         procs=1,
+        clean_session=not persistent,
     )
-    result = Measurement(None, detail={"qos": qos, "per_publisher": count})
+    detail: dict[str, Any] = {"qos": qos, "per_publisher": count}
+    if persistent:
+        detail["sessions"] = broker.sessions
+    result = Measurement(None, detail=detail)
     flow = _flow(broker, params, pubs, subs, result)
     return result if flow is None else _delivery(flow, result)
 
 
 def fan_out(broker: RunningBroker, params: Params) -> Measurement:
     """One publisher, many subscribers of its topic, QoS 0: deliveries/s."""
-    topic = f"bench/{_run_id()}/fanout"
+    crew = roster(params)
     pubs = _publishers(
         broker,
         params,
-        topic=topic,
+        client_ids=crew.publisher_ids()[:1],
+        topics=(crew.fanout_topic,),
         qos=0,
         count=params.fanout_count,
-        clients=1,
         procs=1,
-        shared_topic=True,
     )
     subs = _subscribers(
         broker,
         params,
-        topic_filter=topic,
+        client_ids=crew.fanout_subscriber_ids(),
+        topic_filters=(crew.fanout_topic,),
         qos=0,
         expected=params.fanout_count,
-        clients=params.fanout_subscribers,
         procs=params.subscriber_procs,
     )
     result = Measurement(None, detail={"messages": params.fanout_count})
@@ -361,16 +394,15 @@ def ceiling(broker: RunningBroker, params: Params) -> Measurement:
     Each publisher ends with a QoS 1 fence and waits for its PUBACK, so the rate counts what the
     broker has read, not what sits in socket buffers.
     """
-    topic = f"bench/{_run_id()}/ceiling"
+    crew = roster(params)
     pubs = _publishers(
         broker,
         params,
-        topic=topic,
+        client_ids=crew.publisher_ids(),
+        topics=crew.fanin_topics(),
         qos=0,
         count=params.fanin_qos0_count,
-        clients=params.publishers,
         procs=params.publisher_procs,
-        shared_topic=False,
     )
     result = Measurement(None)
     flow = _flow(broker, params, pubs, [], result)
@@ -380,6 +412,7 @@ def ceiling(broker: RunningBroker, params: Params) -> Measurement:
     result.value = _rate(flow.sent(), flow.go_ns, end)
     _shortfall(flow, result)
     result.broker_cpu = flow.cpu.share(flow.go_ns, end)
+    _contention(flow, result, end)
     result.detail |= {"sent": flow.sent(), "seconds": (end - flow.go_ns) / 1e9}
     return result
 
@@ -391,25 +424,24 @@ def _percentile(ordered: Sequence[int], pct: float) -> float:
 
 def latency(broker: RunningBroker, params: Params) -> dict[str, Measurement]:
     """One publisher paced at `Params.latency_rate`, one subscriber: p50 and p99 in ms."""
-    topic = f"bench/{_run_id()}/latency"
+    crew = roster(params)
     pubs = _publishers(
         broker,
         params,
-        topic=topic,
+        client_ids=(crew.latency_publisher,),
+        topics=(crew.latency_topic,),
         qos=0,
         count=params.latency_count,
-        clients=1,
         procs=1,
-        shared_topic=True,
         rate=params.latency_rate,
     )
     subs = _subscribers(
         broker,
         params,
-        topic_filter=topic,
+        client_ids=(crew.latency_subscriber,),
+        topic_filters=(crew.latency_topic,),
         qos=0,
         expected=params.latency_count,
-        clients=1,
         procs=1,
         latency=True,
     )
@@ -421,8 +453,9 @@ def latency(broker: RunningBroker, params: Params) -> dict[str, Measurement]:
     kept = sorted(samples[params.latency_warmup :])
     sent = flow.sent()
     _shortfall(flow, base)
+    _contention(flow, base, flow.last_ns())
     base.broker_cpu = flow.cpu.share(flow.go_ns, flow.last_ns())
-    base.detail = {
+    base.detail |= {
         "rate_target_per_s": params.latency_rate,
         "rate_achieved_per_s": _rate(sent, flow.go_ns, flow.pub_end_ns()),
         "sent": sent,
@@ -462,10 +495,8 @@ def idle_rss(broker: RunningBroker, params: Params) -> dict[str, Measurement]:
         "rss_clients": Measurement(None),
         "rss_per_client": Measurement(None),
     }
-    run = _run_id()
-    counts = [
-        len(c) for c in _split([str(n) for n in range(params.idle_clients)], params.idle_procs)
-    ]
+    ids = roster(params).idle_ids()
+    logins = broker.logins_of(ids)
     with Workers() as workers:
         names = [
             workers.spawn(
@@ -473,14 +504,14 @@ def idle_rss(broker: RunningBroker, params: Params) -> dict[str, Measurement]:
                     name=f"idle{i}",
                     host=broker.host,
                     port=broker.port,
-                    client_prefix=f"idle-{run}-{i}",
-                    clients=count,
+                    client_ids=tuple(ids[n] for n in chunk),
+                    logins=tuple(logins[n] for n in chunk) if logins else (),
                     concurrency=_CONNECT_CONCURRENCY,
                     setup_timeout_s=params.setup_timeout_s,
                     run_timeout_s=params.run_timeout_s,
                 )
             )
-            for i, count in enumerate(counts)
+            for i, chunk in enumerate(_split(range(len(ids)), params.idle_procs))
         ]
         ready = workers.collect("ready", names, params.setup_timeout_s + _GRACE_S)
         connected = sum(int(r.data["connected"]) for r in ready.values())
