@@ -305,29 +305,34 @@ def _ratio_of_medians(results: Results, row: Row, ratio: Ratio) -> float | None:
     return top.value / bottom.value
 
 
-def _passed(value: float | None, row: Row, ratio: Ratio) -> bool | None:
-    """Whether a budgeted row meets the ratio's budget; None when no budget applies."""
-    if ratio.budget is None or not row.budgeted or value is None:
+def _passed(value: float | None, row: Row, ratio: Ratio, *, judge: bool) -> bool | None:
+    """Whether a budgeted row meets the ratio's budget.
+
+    None when no budget applies, or when the run is not to be judged (``--quick``).
+    """
+    if not judge or ratio.budget is None or not row.budgeted or value is None:
         return None
     return value >= ratio.budget
 
 
-def _ratio_cell(results: Results, row: Row, ratio: Ratio) -> str:
+def _ratio_cell(results: Results, row: Row, ratio: Ratio, *, judge: bool) -> str:
     value = _ratio_value(results, row, ratio)
     if value is None:
         return "—"
     text = f"{value:.{max(row.digits, 2)}f}x"
-    match _passed(value, row, ratio):
+    match _passed(value, row, ratio, judge=judge):
         case True:
             text += " [green]✓ pass[/green]"
         case False:
             text += " [red]✗ FAIL[/red]"
+        case None if ratio.budget is not None and row.budgeted:
+            text += " [dim](not judged)[/dim]"
         case None if ratio.budget is not None and row.throughput:
             text += " [dim](no budget)[/dim]"
     return text
 
 
-def _table(results: Results, specs: Sequence[BrokerSpec], params: Params) -> Table:
+def _table(results: Results, specs: Sequence[BrokerSpec], params: Params, *, judge: bool) -> Table:
     keys = {s.key for s in specs}
     ratios = [r for r in RATIOS if {r.numerator, r.denominator} <= keys]
     table = Table(title="meshchat broker benchmark", title_justify="left")
@@ -340,12 +345,12 @@ def _table(results: Results, specs: Sequence[BrokerSpec], params: Params) -> Tab
         if row.key == "ceiling_qos0":
             table.add_section()
         cells = [_cell(results.get(row.key, {}).get(s.key), row) for s in specs]
-        cells += [_ratio_cell(results, row, ratio) for ratio in ratios]
+        cells += [_ratio_cell(results, row, ratio, judge=judge) for ratio in ratios]
         table.add_row(row.label(params), *cells)
     return table
 
 
-def _verdicts(results: Results) -> dict[str, dict[str, Any]]:
+def _verdicts(results: Results, *, judge: bool) -> dict[str, dict[str, Any]]:
     """Every budgeted row against every ratio with a budget, for the JSON and the summary."""
     verdicts: dict[str, dict[str, Any]] = {}
     for ratio in RATIOS:
@@ -356,7 +361,7 @@ def _verdicts(results: Results) -> dict[str, dict[str, Any]]:
             verdicts.setdefault(ratio.key, {})[row.key] = {
                 "ratio": value,
                 "at_least": ratio.budget,
-                "passed": _passed(value, row, ratio),
+                "passed": _passed(value, row, ratio, judge=judge),
                 "paired_ratios": _paired(results, row, ratio),
                 "ratio_of_medians": _ratio_of_medians(results, row, ratio),
             }
@@ -374,21 +379,21 @@ def _paired(results: Results, row: Row, ratio: Ratio) -> list[float]:
     return [a / b for a, b in zip(tops, bottoms, strict=False) if a is not None and b]
 
 
-def _summary(results: Results, params: Params, *, quick: bool) -> list[str]:
+def _summary(results: Results, params: Params, *, judge: bool) -> list[str]:
     """One line per budget: met, or which rows missed it and by how much."""
     labels = {row.key: row.label(params) for row in ROWS}
     lines = []
     for ratio in RATIOS:
-        rows = _verdicts(results).get(ratio.key, {})
+        rows = _verdicts(results, judge=judge).get(ratio.key, {})
         if ratio.budget is None or not rows:
             continue
         measured = {k: v for k, v in rows.items() if v["ratio"] is not None}
         missed = {k: v for k, v in measured.items() if not v["passed"]}
-        head = f"budget {ratio.numerator}/{ratio.denominator} ≥ {ratio.budget:.2f}"
-        # Half a second of measuring per broker: a smoke test, not a verdict.
-        head += " (--quick: too short to judge):" if quick else ":"
+        head = f"budget {ratio.numerator}/{ratio.denominator} ≥ {ratio.budget:.2f}:"
         if not measured:
             lines.append(f"{head} not measured")
+        elif not judge:
+            lines.append(f"{head} not judged: --quick measures too briefly (a smoke test)")
         elif not missed:
             lines.append(f"{head} met in all {len(measured)} throughput rows")
         else:
@@ -483,7 +488,7 @@ def _write_json(
             for key, by_broker in results.items()
         },
         "ratios": ratios,
-        "budgets": _verdicts(results),
+        "budgets": _verdicts(results, judge=not quick),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
@@ -562,10 +567,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     seconds = time.monotonic() - clock
     console.print()
-    console.print(_table(results, specs, params))
+    console.print(_table(results, specs, params, judge=not args.quick))
     for line in _notes(results, specs, params):
         console.print(line, highlight=False, markup=False)
-    for line in _summary(results, params, quick=args.quick):
+    for line in _summary(results, params, judge=not args.quick):
         console.print(line, style="bold", highlight=False)
     console.print(
         "(cpu N%): broker CPU time over the measured phase; 100% = one core, the limit of every "

@@ -51,8 +51,9 @@ class Params:
     Attributes:
         publishers: publisher clients of the fan-in and ceiling scenarios.
         publisher_procs: processes they are spread over.
-        fanin_qos0_count: QoS 0 messages per publisher (fan-in and ceiling).
-        fanin_qos1_count: QoS 1 messages per publisher.
+        fanin_qos0_count: QoS 0 messages per publisher in fan-in.
+        fanin_qos1_count: QoS 1 messages per publisher (fan-in and the durable row).
+        ceiling_count: QoS 0 messages per publisher of the generator ceiling.
         inflight: unacknowledged QoS 1 messages allowed per publisher.
         fanout_subscribers: subscribers of the fan-out scenario.
         subscriber_procs: processes they are spread over.
@@ -75,6 +76,7 @@ class Params:
     publisher_procs: int = 2
     fanin_qos0_count: int = 4_000
     fanin_qos1_count: int = 2_000
+    ceiling_count: int = 2_000
     inflight: int = 20
     fanout_subscribers: int = 100
     subscriber_procs: int = 4
@@ -90,12 +92,13 @@ class Params:
     drain_idle_s: float = 2.0
     settle_s: float = 1.0
     repeats: int = 3
-    budget_s: float = 280.0
+    budget_s: float = 290.0
 
 
 QUICK = Params(
     fanin_qos0_count=500,
     fanin_qos1_count=200,
+    ceiling_count=500,
     fanout_count=100,
     latency_count=500,
     latency_warmup=50,
@@ -401,7 +404,7 @@ def ceiling(broker: RunningBroker, params: Params) -> Measurement:
         client_ids=crew.publisher_ids(),
         topics=crew.fanin_topics(),
         qos=0,
-        count=params.fanin_qos0_count,
+        count=params.ceiling_count,
         procs=params.publisher_procs,
     )
     result = Measurement(None)
