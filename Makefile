@@ -53,7 +53,7 @@ pytest: $(VENV)/.dev-installed mosquitto ## the test suite
 
 test: lint typecheck contracts pytest ## everything CI runs: lint, types, contracts, tests
 
-bench: $(VENV)/.dev-installed mosquitto ## benchmarks: broker (beside Mosquitto) and E2EE budgets
+bench: $(VENV)/.dev-installed mosquitto ## benchmarks: E2EE budgets, and the broker beside raw amqtt, auth+ACL and Mosquitto
 	$(BIN)/python benchmarks/e2ee_bench.py $(ARGS)
 	$(BIN)/python benchmarks/broker_bench.py $(ARGS)
 
