@@ -39,6 +39,7 @@ __all__ = [
     "ChainShare",
     "InboundChain",
     "OutboundChain",
+    "advance",
     "group_id",
 ]
 
@@ -71,6 +72,13 @@ def group_id(group_topic: str) -> bytes:
 
 def _next_chain_key(chain_key: bytes) -> bytes:
     return hashlib.blake2b(b"\x02", key=chain_key, digest_size=_KEY_LEN, person=_CK_PERSON).digest()
+
+
+def advance(chain_key: bytes, steps: int) -> bytes:
+    """The chain key `steps` positions after `chain_key`."""
+    for _ in range(steps):
+        chain_key = _next_chain_key(chain_key)
+    return chain_key
 
 
 def _message_key(chain_key: bytes) -> bytes:
@@ -189,11 +197,63 @@ class InboundChain:
     chain_key: bytes = field(repr=False)
     skipped: dict[int, bytes] = field(default_factory=dict, repr=False)
     seen: dict[int, bytes] = field(default_factory=dict, repr=False)
+    start_index: int = -1
+    start_key: bytes = field(default=b"", repr=False)
+
+    def __post_init__(self) -> None:
+        """The first position this device was given is where reading started."""
+        if self.start_index < 0:
+            self.start_index, self.start_key = self.index, self.chain_key
 
     @classmethod
     def from_share(cls, share: ChainShare, *, sender: str) -> Self:
         """Start reading a chain at the position a distribution gave."""
         return cls(share.chain_id, sender, share.verify_key, share.index, share.chain_key)
+
+    def extend_back(self, share: ChainShare) -> bool:
+        """Take an earlier position of this chain (a key request's answer); never a later one.
+
+        A share at or after the first position this device holds adds nothing and changes
+        nothing: a re-sent distribution never replaces what the chain already knows. An earlier
+        share must ratchet forward to exactly the key held at the first position.
+
+        Returns:
+            Whether earlier messages became readable.
+
+        Raises:
+            DecryptError: the share does not belong to this chain (another verify key, or its key
+                does not ratchet to the one held), or reaches back too far.
+        """
+        if share.chain_id != self.chain_id or not hmac.compare_digest(
+            share.verify_key, self.verify_key
+        ):
+            raise DecryptError(
+                f"a share for chain {share.chain_id} does not match the chain held",
+                reason="inconsistent-share",
+            )
+        if share.index >= self.start_index:
+            return False
+        gap = self.start_index - share.index
+        if gap > MAX_SKIPPED_KEYS:
+            raise DecryptError(
+                f"a share reaches back {gap} messages; at most {MAX_SKIPPED_KEYS} are kept",
+                reason="too-far-back",
+            )
+        chain_key = share.chain_key
+        earlier: dict[int, bytes] = {}
+        for position in range(share.index, self.start_index):
+            earlier[position] = _message_key(chain_key)
+            chain_key = _next_chain_key(chain_key)
+        if not hmac.compare_digest(chain_key, self.start_key):
+            raise DecryptError(
+                f"a share for chain {share.chain_id} does not ratchet to the key held",
+                reason="inconsistent-share",
+            )
+        self.skipped.update(earlier)
+        while len(self.skipped) > MAX_SKIPPED_KEYS:
+            del self.skipped[max(self.skipped)]
+        self.start_index, self.start_key = share.index, share.chain_key
+        return True
 
     def _verify(self, gid: bytes, envelope: GroupMessage) -> None:
         try:

@@ -33,6 +33,7 @@ DOMAINS: Final = frozenset(
         b"mc-roster1",  # a roster
         b"mc-dist1",  # a chain distribution
         b"mc-pair1",  # a pairwise payload (key request, withheld, direct message)
+        b"mc-compliance1",  # the root certifies the org compliance key (X25519)
     }
 )
 _SEED_LEN: Final = 32

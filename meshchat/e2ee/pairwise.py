@@ -31,7 +31,7 @@ class PairKind(enum.IntEnum):
     KEY_REQUEST = 0
     """fields: group topic, chain id, first index wanted"""
     WITHHELD = 1
-    """fields: group topic, chain id, first index, reason (`WithheldReason`)"""
+    """fields: group topic, chain id, first index, end index (exclusive), reason"""
     DIRECT = 2
     """fields: an encoded inner message (`meshchat.e2ee.plaintext`)"""
 
@@ -46,7 +46,7 @@ class WithheldReason(enum.StrEnum):
 
 _FIELD_TYPES: Final = {
     PairKind.KEY_REQUEST: (str, int, int),
-    PairKind.WITHHELD: (str, int, int, str),
+    PairKind.WITHHELD: (str, int, int, int, str),
     PairKind.DIRECT: (bytes,),
 }
 
@@ -89,8 +89,8 @@ def _check_fields(kind: PairKind, fields: tuple[object, ...]) -> None:
         for value, expected in zip(fields, types, strict=True)
     ):
         raise EnvelopeError(f"{kind.name.lower()} payload has the wrong fields")
-    if kind is PairKind.WITHHELD and fields[3] not in {r.value for r in WithheldReason}:
-        raise EnvelopeError(f"withheld reason {fields[3]!r} is unknown")
+    if kind is PairKind.WITHHELD and fields[4] not in {r.value for r in WithheldReason}:
+        raise EnvelopeError(f"withheld reason {fields[4]!r} is unknown")
 
 
 def open_pairwise(
@@ -128,7 +128,7 @@ def open_pairwise(
             raw=False,
             max_str_len=MAX_SEALED_LEN,
             max_bin_len=MAX_SEALED_LEN,
-            max_array_len=8,
+            max_array_len=9,
             max_map_len=0,
             max_ext_len=0,
         )

@@ -11,7 +11,7 @@ trusting the directory, and only an explicit `repin` accepts the new key.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -180,6 +180,7 @@ class KeyDirectory:
         self._directory = directory_cert.public
         self._records: dict[str, KeyRecord] = {}
         self._pins: dict[str, bytes] = {}
+        self._owners: dict[str, str] = {}
 
     @property
     def pins(self) -> Mapping[str, bytes]:
@@ -198,6 +199,38 @@ class KeyDirectory:
         """A current device of a user (None once it left the user's signed device list)."""
         record = self._records.get(user)
         return record.device(name) if record else None
+
+    def owner(self, device: str) -> tuple[str, DeviceKeys] | None:
+        """The user a device currently belongs to, and its keys (None: unknown or revoked)."""
+        user = self._owners.get(device)
+        if user is None:
+            return None
+        keys = self.device(user, device)
+        return None if keys is None else (user, keys)
+
+    def devices_of(self, users: Iterable[str]) -> list[DeviceKeys]:
+        """The current devices of some users (those whose record is known)."""
+        found: list[DeviceKeys] = []
+        for user in users:
+            record = self._records.get(user)
+            if record is not None:
+                found.extend(record.devices)
+        return found
+
+    @property
+    def records(self) -> Mapping[str, KeyRecord]:
+        """The newest verified record of every user seen."""
+        return dict(self._records)
+
+    def restore(self, record: KeyRecord) -> None:
+        """Load a record this device verified earlier (from its own state file)."""
+        self._records[record.user] = record
+        self._pins.setdefault(record.user, record.identity)
+        self._index(record)
+
+    def _index(self, record: KeyRecord) -> None:
+        for device in record.devices:
+            self._owners[device.name] = record.user
 
     def accept(self, envelope: Signed, *, arrived_on_user: str) -> KeyRecord:
         """Verify a key record that arrived on ``_k/{arrived_on_user}`` and keep it.
@@ -233,6 +266,7 @@ class KeyDirectory:
             raise IdentityChangedError(record.user, pinned, record.identity)
         self._pins[record.user] = record.identity
         self._records[record.user] = record
+        self._index(record)
         return record
 
     def repin(self, envelope: Signed, *, arrived_on_user: str) -> KeyRecord:

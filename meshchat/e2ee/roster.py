@@ -50,18 +50,42 @@ class RosterError(E2EEError):
 
 @dataclass(frozen=True, slots=True)
 class Roster:
-    """The members of one group at one epoch."""
+    """The members of one group at one epoch, and the group policy senders must follow.
+
+    Attributes:
+        group_topic: the group.
+        epoch: increases by one with every change.
+        prev: the hash of the previous epoch's roster (`GENESIS_HASH` for the first).
+        expires_at: unix seconds; no one sends on an expired roster.
+        members: user names.
+        issued_at: when the signer made it (unix seconds): a member's "joined at" for
+            key requests.
+        policy: the group policy's version; a change makes every sender rotate.
+        compliance: whether each new chain is also sealed to the org compliance key.
+    """
 
     group_topic: str
     epoch: int
     prev: bytes
     expires_at: int
     members: tuple[str, ...]
+    issued_at: int = 0
+    policy: int = 0
+    compliance: bool = False
 
     def encode(self) -> bytes:
         """Canonical bytes (members sorted), what the signer signs and the hash covers."""
         packed: bytes = msgpack.packb(
-            [self.group_topic, self.epoch, self.prev, self.expires_at, sorted(self.members)],
+            [
+                self.group_topic,
+                self.epoch,
+                self.prev,
+                self.expires_at,
+                sorted(self.members),
+                self.issued_at,
+                self.policy,
+                self.compliance,
+            ],
             use_bin_type=True,
         )
         return packed
@@ -91,16 +115,27 @@ class Roster:
         except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
             raise EnvelopeError(f"roster is not valid msgpack: {exc}") from exc
         match fields:
-            case [str(topic), int(epoch), bytes(prev), int(expires), list(members)] if (
-                len(prev) == 32 and 0 <= epoch < 2**63 and 0 <= expires < 2**63
+            case [
+                str(topic),
+                int(epoch),
+                bytes(prev),
+                int(expires),
+                list(members),
+                int(issued),
+                int(policy),
+                bool(compliance),
+            ] if len(prev) == 32 and all(
+                type(n) is int and 0 <= n < 2**63 for n in (epoch, expires, issued, policy)
             ):
                 try:
                     if not isinstance(parse_topic(topic), GroupTopic):
                         raise EnvelopeError(f"roster names {topic!r}, which is not a group")
                     names = tuple(validate_name(m, "member name") for m in members)
+                    if len(set(names)) != len(names):
+                        raise EnvelopeError("roster lists a member twice")
                 except TopicError as exc:
                     raise EnvelopeError(f"roster is invalid: {exc}") from exc
-                roster = cls(topic, epoch, prev, expires, names)
+                roster = cls(topic, epoch, prev, expires, names, issued, policy, compliance)
                 if roster.encode() != payload:
                     raise EnvelopeError("roster is not in canonical form")
                 return roster
@@ -155,6 +190,15 @@ class RosterTracker:
     def current(self, group_topic: str) -> Roster | None:
         """The newest roster accepted for a group."""
         return self._current.get(group_topic)
+
+    @property
+    def rosters(self) -> Mapping[str, Roster]:
+        """The newest accepted roster of every group (persist them with the device's state)."""
+        return dict(self._current)
+
+    def restore(self, roster: Roster) -> None:
+        """Load a roster this device accepted earlier (from its own state file)."""
+        self._current[roster.group_topic] = roster
 
     def accept(self, envelope: Signed, *, arrived_on: str) -> Roster:
         """Check a roster that arrived on the roster topic of `arrived_on` and keep it.

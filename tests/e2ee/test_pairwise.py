@@ -59,7 +59,7 @@ def opened(
     ("kind", "fields"),
     [
         (PairKind.KEY_REQUEST, (GROUP, 123, 0)),
-        (PairKind.WITHHELD, (GROUP, 123, 0, WithheldReason.BEFORE_JOIN.value)),
+        (PairKind.WITHHELD, (GROUP, 123, 0, 5, WithheldReason.BEFORE_JOIN.value)),
         (PairKind.DIRECT, (encode_inner(Inner(Kind.TEXT, 1_795_000_000, ("psst",))),)),
     ],
 )
@@ -104,4 +104,4 @@ def test_bad_fields_are_refused_on_both_sides() -> None:
     with pytest.raises(EnvelopeError, match="wrong fields"):
         sealed(PairKind.KEY_REQUEST, (GROUP, "one", 0))
     with pytest.raises(EnvelopeError, match="reason 'because' is unknown"):
-        sealed(PairKind.WITHHELD, (GROUP, 1, 0, "because"))
+        sealed(PairKind.WITHHELD, (GROUP, 1, 0, 5, "because"))
