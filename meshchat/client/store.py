@@ -1,0 +1,407 @@
+"""The local client store of one device profile: session state, outbox, decrypted messages.
+
+One SQLite file (sqlite-utils, WAL) in the profile's private directory, so that:
+
+- the E2EE session state (chain keys, seen sets) and the outbox change together: a message is
+  sealed (encrypted, with the distributions it needs) and the new session state saved in one
+  transaction, so a crash either leaves it queued as plaintext, to be sealed again, or sealed,
+  to be published again byte for byte (receivers drop the identical redelivery). Nothing the user
+  sent is lost and nothing is shown twice;
+- decrypted messages are kept with an FTS5 index: search works although the server never sees
+  plaintext. Edits and recalls change the stored message in place.
+
+The file holds plaintext and keys: the profile directory is private (0700) and the file 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Self
+
+import msgpack
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from meshchat.errors import ConfigError
+
+__all__ = ["ClientStore", "OutboxItem", "StoredMessage"]
+
+MIGRATIONS = Migrations("meshchat.client")
+_WORD: Final = re.compile(r"\w+", re.UNICODE)
+_MAX_SEARCH_WORDS: Final = 16
+
+# Message kinds as stored (the values of meshchat.e2ee.Kind; the store does not import e2ee).
+TEXT, REPLY, EDIT, RECALL, URGENT = 0, 1, 2, 3, 8
+
+
+@MIGRATIONS(name="0001_initial")
+def _initial(db: Database) -> None:
+    db.table("state").create({"key": str, "value": bytes}, pk="key")
+    db.table("outbox").create(
+        {
+            "id": int,
+            "group_topic": str,
+            "inner": bytes,
+            "created_at": float,
+            "sealed": bytes,
+            "message_id": str,
+        },
+        pk="id",
+        not_null={"group_topic", "inner", "created_at"},
+    )
+    db.table("messages").create(
+        {
+            "group_topic": str,
+            "chain_id": int,
+            "idx": int,
+            "sender": str,
+            "device": str,
+            "kind": int,
+            "ts": int,
+            "body": str,
+            "fields": bytes,
+            "received_at": float,
+            "edited_at": int,
+            "recalled": int,
+        },
+        pk=("group_topic", "chain_id", "idx"),
+        not_null={"sender", "device", "kind", "ts", "body", "received_at"},
+        defaults={"recalled": 0, "body": ""},
+    )
+    db.table("messages").create_index(["group_topic", "ts"])
+    db.table("messages").enable_fts(["body"], tokenize="unicode61", create_triggers=True)
+    db.table("notices").create(
+        {"group_topic": str, "chain_id": int, "idx": int, "reason": str, "code": str},
+        pk=("group_topic", "chain_id", "idx"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """A message the user sent that has not been acknowledged by the broker yet."""
+
+    id: int
+    group_topic: str
+    inner: bytes
+    created_at: float
+    sealed: tuple[tuple[str, bytes], ...] | None
+    """Once encrypted: every (topic, payload) to publish for it, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A decrypted message as kept locally."""
+
+    group_topic: str
+    message_id: tuple[int, int]
+    sender: str
+    device: str
+    kind: int
+    ts: int
+    body: str
+    fields: bytes
+    edited_at: int | None
+    recalled: bool
+
+
+class ClientStore:
+    """The SQLite store of one device profile."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        """Open (or create, private) the store at `path`.
+
+        Raises:
+            ConfigError: the file cannot be opened or is not a client store.
+        """
+        self.path = path
+        self._clock = clock
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            path.chmod(0o600)
+            self.db = Database(sqlite3.connect(path, isolation_level=None))
+            self.db.enable_wal()
+            MIGRATIONS.apply(self.db)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"client store {path} cannot be used: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+    def __enter__(self) -> Self:
+        """Use as a context manager."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close on exit."""
+        self.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------------ key/value state
+
+    def get(self, key: str) -> bytes | None:
+        """A stored value (the E2EE session state, profile settings)."""
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put(self, key: str, value: bytes) -> None:
+        """Store a value."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+    # ---------------------------------------------------------------------------- outbox
+
+    def enqueue(self, group_topic: str, inner: bytes) -> int:
+        """Keep a message the user sent (plaintext, before encryption); returns its outbox id."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO outbox (group_topic, inner, created_at) VALUES (?, ?, ?)",
+                (group_topic, inner, self._clock()),
+            )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+    def outbox(self) -> list[OutboxItem]:
+        """Unacknowledged messages, oldest first."""
+        rows = self.db.execute(
+            "SELECT id, group_topic, inner, created_at, sealed FROM outbox ORDER BY id"
+        ).fetchall()
+        return [
+            OutboxItem(
+                row[0],
+                row[1],
+                bytes(row[2]),
+                row[3],
+                None if row[4] is None else _unpack_sealed(bytes(row[4])),
+            )
+            for row in rows
+        ]
+
+    @property
+    def queued(self) -> int:
+        """How many messages wait to go out."""
+        return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def seal(
+        self,
+        item_id: int,
+        outgoing: list[tuple[str, bytes]],
+        *,
+        message_id: tuple[int, int],
+        state_key: str,
+        state: bytes,
+    ) -> None:
+        """Record what a message was encrypted to, with the session state, in one transaction."""
+        sealed: bytes = msgpack.packb([list(pair) for pair in outgoing], use_bin_type=True)
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE outbox SET sealed = ?, message_id = ? WHERE id = ?",
+                (sealed, f"{message_id[0]}:{message_id[1]}", item_id),
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (state_key, state)
+            )
+
+    def sent(self, item_id: int) -> None:
+        """The broker acknowledged everything of an outbox item: forget it."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM outbox WHERE id = ?", (item_id,))
+
+    # -------------------------------------------------------------------------- messages
+
+    def add_message(
+        self,
+        group_topic: str,
+        message_id: tuple[int, int],
+        *,
+        sender: str,
+        device: str,
+        kind: int,
+        ts: int,
+        body: str,
+        fields: bytes,
+        target: tuple[int, int] | None = None,
+    ) -> bool:
+        """Keep a decrypted message; edits and recalls by its sender change the target.
+
+        Returns:
+            Whether it was new (False for a message already stored).
+        """
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO messages (group_topic, chain_id, idx, sender, device, "
+                "kind, ts, body, fields, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    group_topic,
+                    message_id[0],
+                    message_id[1],
+                    sender,
+                    device,
+                    kind,
+                    ts,
+                    body if kind not in {EDIT, RECALL} else "",
+                    fields,
+                    self._clock(),
+                ),
+            )
+            if cursor.rowcount == 0:
+                return False
+            if target is not None and kind == EDIT:
+                conn.execute(
+                    "UPDATE messages SET body = ?, edited_at = ? WHERE group_topic = ? AND "
+                    "chain_id = ? AND idx = ? AND sender = ? AND recalled = 0",
+                    (body, ts, group_topic, target[0], target[1], sender),
+                )
+            if target is not None and kind == RECALL:
+                conn.execute(
+                    "UPDATE messages SET body = '', recalled = 1 WHERE group_topic = ? AND "
+                    "chain_id = ? AND idx = ? AND sender = ?",
+                    (group_topic, target[0], target[1], sender),
+                )
+            return True
+
+    def has_message(self, group_topic: str, message_id: tuple[int, int]) -> bool:
+        """Whether a message is stored."""
+        row = self.db.execute(
+            "SELECT 1 FROM messages WHERE group_topic = ? AND chain_id = ? AND idx = ?",
+            (group_topic, *message_id),
+        ).fetchone()
+        return row is not None
+
+    def add_notice(
+        self, group_topic: str, message_id: tuple[int, int], *, reason: str, code: str
+    ) -> None:
+        """Keep why a message cannot be read (shown in its place)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO notices (group_topic, chain_id, idx, reason, code) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (group_topic, *message_id, reason, code),
+            )
+
+    def notices(self, group_topic: str) -> list[tuple[tuple[int, int], str, str]]:
+        """(message id, reason, code) of the group's unreadable messages."""
+        rows = self.db.execute(
+            "SELECT chain_id, idx, reason, code FROM notices WHERE group_topic = ? ORDER BY rowid",
+            (group_topic,),
+        ).fetchall()
+        return [((row[0], row[1]), row[2], row[3]) for row in rows]
+
+    def history(
+        self,
+        group_topic: str | None = None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+        include_meta: bool = False,
+    ) -> list[StoredMessage]:
+        """Stored messages, oldest first (the newest `limit` of the range).
+
+        Args:
+            group_topic: one group, or all.
+            since: only messages sent at or after (unix seconds).
+            until: only messages sent before.
+            limit: at most this many (the newest ones).
+            include_meta: also edits and recalls themselves (normally folded into their target).
+        """
+        where, args = self._range(group_topic, since, until)
+        if not include_meta:
+            where.append(f"kind NOT IN ({EDIT}, {RECALL})")
+        sql = (
+            f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where) or '1'} "  # noqa: S608  # fixed column and clause strings
+            "ORDER BY ts DESC, chain_id DESC, idx DESC LIMIT ?"
+        )
+        rows = self.db.execute(sql, (*args, limit)).fetchall()
+        return [_message(row) for row in reversed(rows)]
+
+    def search(
+        self,
+        words: str,
+        *,
+        group_topic: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 200,
+    ) -> list[StoredMessage]:
+        """Messages containing every word (prefix match on the last one), newest last.
+
+        Raises:
+            ValueError: no word to search for.
+        """
+        terms = _WORD.findall(words)[:_MAX_SEARCH_WORDS]
+        if not terms:
+            msg = "give at least one word to search for"
+            raise ValueError(msg)
+        query = " ".join(f'"{term}"' for term in terms[:-1])
+        query = f'{query} "{terms[-1]}"*'.strip()
+        where, args = self._range(group_topic, since, until)
+        where.append("recalled = 0")
+        sql = (
+            f"SELECT {_COLUMNS} FROM messages WHERE rowid IN "  # noqa: S608  # fixed strings
+            "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?) AND "
+            f"{' AND '.join(where)} ORDER BY ts DESC LIMIT ?"
+        )
+        rows = self.db.execute(sql, (query, *args, limit)).fetchall()
+        return [_message(row) for row in reversed(rows)]
+
+    @staticmethod
+    def _range(
+        group_topic: str | None, since: float | None, until: float | None
+    ) -> tuple[list[str], list[Any]]:
+        where: list[str] = []
+        args: list[Any] = []
+        if group_topic is not None:
+            where.append("group_topic = ?")
+            args.append(group_topic)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("ts < ?")
+            args.append(until)
+        return where, args
+
+
+_COLUMNS: Final = (
+    "group_topic, chain_id, idx, sender, device, kind, ts, body, fields, edited_at, recalled"
+)
+
+
+def _message(row: tuple[Any, ...]) -> StoredMessage:
+    return StoredMessage(
+        row[0],
+        (row[1], row[2]),
+        row[3],
+        row[4],
+        row[5],
+        row[6],
+        row[7],
+        bytes(row[8] or b""),
+        row[9],
+        bool(row[10]),
+    )
+
+
+def _unpack_sealed(data: bytes) -> tuple[tuple[str, bytes], ...]:
+    pairs = msgpack.unpackb(data, raw=False)
+    return tuple((str(topic), bytes(payload)) for topic, payload in pairs)
