@@ -208,6 +208,13 @@ def _any_last(topic: str, levels: int = 1) -> str:
     return "/".join([*kept, *["+"] * levels])
 
 
+def _any_at(topic: str, level: int) -> str:
+    """`topic` with level number `level` (from 0) replaced by ``+``."""
+    levels = topic.split("/")
+    levels[level] = "+"
+    return "/".join(levels)
+
+
 class _Rules:
     """One account's ACL lines: topic (or filter) to the set of accesses it grants."""
 
@@ -264,9 +271,12 @@ class _AclBuilder:
         """The org-wide lines, each written only if the policy grants its example topic."""
         org = self.org
         reads = [(f, f.replace("+", _ANY)) for f in self.policy.allowed_filters()]
-        writes = [
-            (_any_last(t), t) for t in (InboxTopic(org, _ANY).topic, ServiceTopic(org, _ANY).topic)
-        ]
+        writes = [(_any_last(t), t) for t in (InboxTopic(org, _ANY).topic,)]
+        # Requests in the principal's own name to any service, and the replies to them.
+        requests = ServiceTopic(org, _ANY, principal.name).topic
+        writes.append((_any_at(requests, 3), requests))
+        replies = ServiceTopic(org, _ANY, principal.name, reply=True).topic
+        reads.append((_any_at(replies, 3), replies))
         for line, example in reads:
             if self._allowed(principal, Action.RECEIVE, example):
                 rules.grant(line, _READ, wide=True)

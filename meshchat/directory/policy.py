@@ -259,10 +259,22 @@ class AccessPolicy:
                     return _allow("key records are public; users publish their own")
                 return _deny(f"only {owner} publishes {owner}'s key record")
             case ServiceTopic():
-                if reading:
-                    return _deny("only the service itself reads its requests")
-                return _allow("anyone in the org may send a service a request")
+                return self._service_request(user, reading, topic)
         return _deny("no rule allows this")
+
+    @staticmethod
+    def _service_request(user: User, reading: bool, topic: ServiceTopic) -> Decision:
+        """Users send requests under their own name and read only their own replies."""
+        own = topic.requester is not None and hmac.compare_digest(topic.requester, user.name)
+        if reading:
+            if own and topic.reply:
+                return _allow(f"{user.name} reads the replies to their own requests")
+            return _deny("only the service itself reads its requests")
+        if own and not topic.reply:
+            return _allow("anyone in the org may send a service a request in their own name")
+        if topic.requester is None:
+            return _deny(f"send requests to {topic.topic}/{user.name}, in your own name")
+        return _deny(f"{user.name} may send requests only in their own name")
 
     def _device_topic(
         self,

@@ -41,6 +41,7 @@ KEY_LEVEL: Final = "_k"
 PRESENCE_LEVEL: Final = "_p"
 TELEMETRY_LEVEL: Final = "_t"
 SERVICE_LEVEL: Final = "_s"
+REPLY_LEVEL: Final = "reply"
 
 TelemetryKind: TypeAlias = Literal["status", "gps"]
 TELEMETRY_KINDS: Final[frozenset[str]] = frozenset({"status", "gps"})
@@ -203,21 +204,39 @@ class TelemetryTopic:
 
 @dataclass(frozen=True, slots=True)
 class ServiceTopic:
-    """``mc/{org}/_s/{service}``: requests to a service (``archive``, ``dir``, ...)."""
+    """Requests to a service (``archive``, ``dir``, ...) and their replies.
+
+    - ``mc/{org}/_s/{service}``: the service's own level (what it subscribes below);
+    - ``mc/{org}/_s/{service}/{requester}``: requests, where the broker's ACL lets each user
+      publish under their own name only, so the service knows who asks;
+    - ``mc/{org}/_s/{service}/{requester}/reply``: replies to a requester who has no device
+      inbox yet (at login); only that user may read them.
+    """
 
     org: str
     service: str
+    requester: str | None = None
+    reply: bool = False
     retained: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         """Validate every name."""
         validate_name(self.org, "org name")
         validate_name(self.service, "service name")
+        if self.requester is not None:
+            validate_name(self.requester, "requester name")
+        elif self.reply:
+            msg = "a reply topic needs the requester's name"
+            raise TopicError(msg, part="requester", value="")
 
     @property
     def topic(self) -> str:
         """The topic string."""
-        return f"{PREFIX}/{self.org}/{SERVICE_LEVEL}/{self.service}"
+        base = f"{PREFIX}/{self.org}/{SERVICE_LEVEL}/{self.service}"
+        if self.requester is None:
+            return base
+        base = f"{base}/{self.requester}"
+        return f"{base}/{REPLY_LEVEL}" if self.reply else base
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +289,15 @@ def _bad(topic: str, why: str) -> TopicError:
     return TopicError(f"topic {topic!r} {why}", part="topic", value=topic)
 
 
+def _parse_service(topic: str, org: str, rest: list[str]) -> ServiceTopic:
+    match rest:
+        case [service, requester]:
+            return ServiceTopic(org, service, requester)
+        case [service, requester, level] if level == REPLY_LEVEL:
+            return ServiceTopic(org, service, requester, reply=True)
+    raise _bad(topic, "is not _s/{service}[/{requester}[/reply]]")
+
+
 def _parse_mc(topic: str, levels: list[str]) -> Topic:
     if len(levels) < 4:
         raise _bad(topic, f"has {len(levels)} levels; meshchat topics have at least 4")
@@ -286,15 +314,22 @@ def _parse_mc(topic: str, levels: list[str]) -> Topic:
         raise _bad(topic, f"has {len(levels)} levels; a group topic has 4 and a roster 5")
     if third not in _NAMESPACE_LEVELS:
         raise _bad(topic, f"has the unknown system namespace {third!r}")
-    if third == TELEMETRY_LEVEL and len(rest) == 2:
+    if third == TELEMETRY_LEVEL:
+        return _parse_telemetry(topic, org, rest)
+    if len(rest) == 1:
+        return _SINGLE_NAME[third](org, rest[0])
+    if third == SERVICE_LEVEL:
+        return _parse_service(topic, org, rest)
+    raise _bad(topic, f"has {len(levels)} levels; the namespace {third!r} takes 4")
+
+
+def _parse_telemetry(topic: str, org: str, rest: list[str]) -> TelemetryTopic:
+    if len(rest) == 2:
         device, kind = rest
         if kind not in TELEMETRY_KINDS:
             raise _bad(topic, f"has the unknown telemetry kind {kind!r}")
         return TelemetryTopic(org, device, "status" if kind == "status" else "gps")
-    if third != TELEMETRY_LEVEL and len(rest) == 1:
-        return _SINGLE_NAME[third](org, rest[0])
-    expected = 5 if third == TELEMETRY_LEVEL else 4
-    raise _bad(topic, f"has {len(levels)} levels; the namespace {third!r} takes {expected}")
+    raise _bad(topic, f"has {len(rest) + 3} levels; the namespace '_t' takes 5")
 
 
 def parse_topic(topic: str) -> Topic:

@@ -114,7 +114,15 @@ TABLE = [
     (ROOT, SUB, "mc/acme/_t/van-7/gps", True),
     (GEOFENCE, SUB, "mc/acme/_t/van-7/gps", True),
     # services
-    (BOB, PUB, "mc/acme/_s/archive", True),
+    (BOB, PUB, "mc/acme/_s/archive", False),  # requests name their sender
+    (BOB, PUB, "mc/acme/_s/archive/bob", True),
+    (BOB, PUB, "mc/acme/_s/archive/carol", False),
+    (BOB, PUB, "mc/acme/_s/archive/bob/reply", False),
+    (BOB, SUB, "mc/acme/_s/dir/bob/reply", True),
+    (BOB, SUB, "mc/acme/_s/dir/carol/reply", False),
+    (BOB, SUB, "mc/acme/_s/dir/bob", False),
+    (ARCHIVE, SUB, "mc/acme/_s/archive/+", True),
+    (ARCHIVE, PUB, "mc/acme/_s/archive/bob/reply", True),
     (BOB, SUB, "mc/acme/_s/archive", False),
     (ARCHIVE, SUB, "mc/acme/_s/archive", True),
     (GEOFENCE, SUB, "mc/acme/_s/archive", False),

@@ -34,6 +34,7 @@ TOPICS: st.SearchStrategy[Topic] = st.one_of(
     st.builds(PresenceTopic, NAME, NAME),
     st.builds(TelemetryTopic, NAME, NAME, st.sampled_from(["status", "gps"])),
     st.builds(ServiceTopic, NAME, NAME),
+    st.builds(ServiceTopic, NAME, NAME, NAME, st.booleans()),
     st.builds(OwnTracksTopic, NAME, NAME, st.none() | NAME),
 )
 
@@ -50,6 +51,8 @@ TOPICS: st.SearchStrategy[Topic] = st.one_of(
         (TelemetryTopic("acme", "van-7", "status"), "mc/acme/_t/van-7/status", True),
         (TelemetryTopic("acme", "van-7", "gps"), "mc/acme/_t/van-7/gps", False),
         (ServiceTopic("acme", "archive"), "mc/acme/_s/archive", False),
+        (ServiceTopic("acme", "dir", "alice"), "mc/acme/_s/dir/alice", False),
+        (ServiceTopic("acme", "dir", "alice", reply=True), "mc/acme/_s/dir/alice/reply", False),
         (OwnTracksTopic("jane", "nokia"), "owntracks/jane/nokia", None),
         (OwnTracksTopic("jane", "nokia", "event"), "owntracks/jane/nokia/event", None),
     ],
@@ -110,3 +113,16 @@ def test_owntracks_sample_topics_parse() -> None:
         parsed = parse_topic(topic)
         assert isinstance(parsed, OwnTracksTopic)
         assert parsed.topic == topic
+
+
+@pytest.mark.parametrize(
+    "topic", ["mc/acme/_s/dir/alice/answer", "mc/acme/_s/dir/alice/reply/more", "mc/acme/_s/dir/_x"]
+)
+def test_service_topics_have_one_shape(topic: str) -> None:
+    with pytest.raises(TopicError):
+        parse_topic(topic)
+
+
+def test_a_reply_topic_needs_a_requester() -> None:
+    with pytest.raises(TopicError, match="requester"):
+        ServiceTopic("acme", "dir", reply=True)
