@@ -16,6 +16,7 @@ from rich.logging import RichHandler
 
 from meshchat.datadir import DEFAULT_DATA_DIR, ENV_VAR, DataDir
 from meshchat.directory import DIRECTORY_FILE, Directory
+from meshchat.directory.signing import OrgKeys
 from meshchat.errors import MeshchatError
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "actor_of",
     "console",
     "emit_json",
+    "ensure_identities",
     "err_console",
     "fail",
     "open_directory",
@@ -119,3 +121,14 @@ def open_directory(data: Path, *, create: bool = False) -> Iterator[Directory]:
 def actor_of(directory: Directory, as_user: str | None) -> str:
     """The user an admin command acts as."""
     return as_user or directory.default_actor()
+
+
+def ensure_identities(data: Path, directory: Directory) -> list[str] | None:
+    """Create identity keys for users who have none; None when the org has no keys yet.
+
+    An org created before it had keys gets them (and every identity key) at the next
+    `meshchat up`.
+    """
+    if not OrgKeys.exists(data):
+        return None
+    return OrgKeys.open(data).ensure_identities(directory)

@@ -44,6 +44,7 @@ def group_json(group: Group) -> dict[str, object]:
         "legal_hold": group.legal_hold,
         "compliance": group.compliance,
         "rotation_pending": group.rotation_pending,
+        "policy_version": group.policy_version,
         "members": sorted(group.members),
     }
 

@@ -51,6 +51,16 @@ def _print_start(server: SiteServer) -> None:
             f"-i alice.sub -t mc/{boot.org}/ops/general`.\n",
             soft_wrap=True,
         )
+    if server.new_keys is not None:
+        keys = server.new_keys
+        console.print(
+            f"Created the keys of org [bold]{keys.org}[/] in {server.data.path / 'keys'}.\n"
+            f"  root key fingerprint: {keys.fingerprint}\n"
+            f"  root passphrase:      {keys.root_passphrase}\n"
+            "The root passphrase is shown only this once. Write this down and keep it offline: "
+            "it unlocks the org root key and the compliance key, and nobody can recover it.\n",
+            soft_wrap=True,
+        )
     console.print("Press Ctrl-C to stop.")
 
 
@@ -109,8 +119,9 @@ def up(
     """Start the site server: the embedded MQTT broker and the org directory, until Ctrl-C.
 
     On a first run it creates the org and an admin account and prints the admin's password
-    once. Clients log in with directory accounts; the broker enforces group membership and
-    roles. TLS (1.2 or newer) needs both --tls-cert and --tls-key.
+    once; when the org has no keys yet, it creates them and prints the root passphrase once.
+    Clients log in with directory accounts; the broker enforces group membership and roles.
+    TLS (1.2 or newer) needs both --tls-cert and --tls-key.
     """
     setup_logging(verbose)
     if (tls_cert is None) != (tls_key is None):

@@ -16,6 +16,7 @@ from cli.common import (
     actor_of,
     console,
     emit_json,
+    ensure_identities,
     open_directory,
     read_password,
 )
@@ -50,21 +51,25 @@ def add(
     data: DataOption = DEFAULT_DATA,
     json_output: JsonOption = False,
 ) -> None:
-    """Onboard a user; with --password-stdin the account gets a password at once."""
+    """Onboard a user and create their identity key; --password-stdin also sets a password."""
     password = read_password(from_stdin=True) if password_stdin else None
     with open_directory(data) as directory:
+        actor = actor_of(directory, as_user)
         user = directory.add_user(
-            actor_of(directory, as_user),
+            actor,
             name,
             dept=dept,
             role=role,
             password=password,
             display_name=display_name,
         )
+        created = ensure_identities(data, directory)
     if json_output:
-        emit_json(user_json(user))
+        emit_json(user_json(user) | {"identity_key": created is not None})
         return
     console.print(f"Added {user.name} ({user.role.value}, {user.dept}).")
+    if created is None:
+        console.print("The org has no keys yet: `meshchat up` creates them and the identity keys.")
     if not user.has_password:
         console.print("The account has no password yet: set one with `meshchat user password`.")
 

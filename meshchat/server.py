@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Final, Self
 from meshchat.broker import AccessGate, BrokerSettings, EmbeddedBroker, Listener
 from meshchat.broker.access import ConnectLimit
 from meshchat.directory import DIRECTORY_FILE, AccessPolicy, Directory
+from meshchat.directory.signing import OrgKeys, generate_passphrase
 from meshchat.directory.watch import DirectoryWatcher
 
 if TYPE_CHECKING:
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
     from meshchat.datadir import DataDir
 
-__all__ = ["DEFAULT_ORG", "RUNTIME_FILE", "Bootstrap", "SiteServer"]
+__all__ = ["DEFAULT_ORG", "RUNTIME_FILE", "Bootstrap", "NewOrgKeys", "SiteServer"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +44,21 @@ class Bootstrap:
     password: str = field(repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class NewOrgKeys:
+    """The org keys a start created; the root passphrase exists nowhere else."""
+
+    org: str
+    fingerprint: str
+    root_passphrase: str = field(repr=False)
+
+
 class SiteServer:
     """Broker and directory (and, as they land, archiver and geofence) on one data directory.
 
     An async context manager: entering locks the data directory, creates the org on a first
-    run, and starts every service; leaving stops them in reverse order and releases the lock.
+    run (and the org keys and identity keys that are missing), and starts every service;
+    leaving stops them in reverse order and releases the lock.
     """
 
     def __init__(
@@ -76,6 +88,7 @@ class SiteServer:
         self.anonymous = anonymous
         self.connect_limit = connect_limit
         self.bootstrap: Bootstrap | None = None
+        self.new_keys: NewOrgKeys | None = None
         self.watcher: DirectoryWatcher | None = None
         settings = broker or BrokerSettings()
         if durable and settings.state_dir is None:
@@ -100,16 +113,31 @@ class SiteServer:
         return self.data.path / DIRECTORY_FILE
 
     def _bootstrap(self) -> None:
-        """Create the org and an admin with a random password when the directory is empty."""
+        """Create what a first run needs: the org and an admin, the org keys, identity keys.
+
+        The org and an admin (with a random password) when the directory is empty; the org keys
+        (with a random root passphrase) when the org has none; an identity key for every active
+        user without one.
+        """
         with Directory(self.directory_file) as directory:
-            if directory.initialized:
-                return
-            password = secrets.token_urlsafe(12)
-            directory.init_org(
-                self.org, admin=BOOTSTRAP_ADMIN, password=password, dept=BOOTSTRAP_DEPT
-            )
-            self.bootstrap = Bootstrap(self.org, BOOTSTRAP_ADMIN, password)
-            logger.info("created org %s with admin %s", self.org, BOOTSTRAP_ADMIN)
+            if not directory.initialized:
+                password = secrets.token_urlsafe(12)
+                directory.init_org(
+                    self.org, admin=BOOTSTRAP_ADMIN, password=password, dept=BOOTSTRAP_DEPT
+                )
+                self.bootstrap = Bootstrap(self.org, BOOTSTRAP_ADMIN, password)
+                logger.info("created org %s with admin %s", self.org, BOOTSTRAP_ADMIN)
+            if OrgKeys.exists(self.data.path):
+                keys = OrgKeys.open(self.data.path)
+            else:
+                passphrase = generate_passphrase()
+                keys = OrgKeys.create(self.data.path, directory.org, passphrase)
+                keys.audit_creation(directory)
+                self.new_keys = NewOrgKeys(directory.org, keys.fingerprint, passphrase)
+                logger.info("created the keys of org %s (root %s)", keys.org, keys.fingerprint)
+            created = keys.ensure_identities(directory)
+            if created:
+                logger.info("created identity keys for %d user(s)", len(created))
 
     async def _on_policy(self, policy: AccessPolicy) -> None:
         gate = self.broker.access
@@ -129,7 +157,8 @@ class SiteServer:
         try:
             stack.enter_context(self.data.lock())
             if not self.anonymous:
-                self._bootstrap()
+                # argon2id (the root passphrase) and SQLite are blocking: off the event loop.
+                await asyncio.to_thread(self._bootstrap)
                 self.watcher = await stack.enter_async_context(
                     DirectoryWatcher(self.directory_file)
                 )

@@ -1,4 +1,8 @@
-"""The org directory: org, departments, users, devices, groups, sites, RBAC and the audit log."""
+"""The org directory: org, departments, users, devices, groups, sites, RBAC and the audit log.
+
+`meshchat.directory.signing` (the org's keys, signed rosters and key records) is deliberately
+not re-exported here: the broker imports this package and must never load `meshchat.e2ee`.
+"""
 
 from meshchat.directory.audit import GENESIS, AuditEntry, chain_hash, verify_chain
 from meshchat.directory.credentials import (
@@ -21,8 +25,10 @@ from meshchat.directory.model import (
     Device,
     Group,
     GroupKind,
+    KeyRecordState,
     Permission,
     Role,
+    RosterState,
     Site,
     User,
     UserStatus,
@@ -62,11 +68,13 @@ __all__ = [
     "ImportFile",
     "ImportPlan",
     "ImportRow",
+    "KeyRecordState",
     "Permission",
     "PolicyListener",
     "Principal",
     "PrincipalKind",
     "Role",
+    "RosterState",
     "Site",
     "User",
     "UserStatus",

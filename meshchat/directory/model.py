@@ -10,8 +10,10 @@ __all__ = [
     "Device",
     "Group",
     "GroupKind",
+    "KeyRecordState",
     "Permission",
     "Role",
+    "RosterState",
     "Site",
     "User",
     "UserStatus",
@@ -84,18 +86,34 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class Device:
-    """A device registered to a user, or a device account of its own (role ``device``)."""
+    """A device registered to a user, or a device account of its own (role ``device``).
+
+    Attributes:
+        signing_public: the device's Ed25519 public key, once it registered its keys.
+        box_public: the device's X25519 public key (payloads are sealed to it).
+    """
 
     name: str
     owner: str
     kind: str
     status: UserStatus
     created_at: float
+    signing_public: bytes | None = None
+    box_public: bytes | None = None
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether the device registered both public keys."""
+        return self.signing_public is not None and self.box_public is not None
 
 
 @dataclass(frozen=True, slots=True)
 class Group:
-    """A group (or site channel) and its policy."""
+    """A group (or site channel) and its policy.
+
+    `policy_version` increases with every policy change; signed rosters carry it, so every
+    sender rotates its keys when the policy changes.
+    """
 
     dept: str
     name: str
@@ -110,6 +128,7 @@ class Group:
     compliance: bool = False
     rotation_pending: bool = False
     members: frozenset[str] = field(default_factory=frozenset)
+    policy_version: int = 0
 
     @property
     def path(self) -> str:
@@ -131,3 +150,33 @@ class Site:
     radius_m: float | None
     polygon: tuple[tuple[float, float], ...] | None
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RosterState:
+    """The roster the directory last signed for a group (public data, kept between runs).
+
+    Attributes:
+        path: the group, ``dept/name``.
+        epoch: the roster's epoch.
+        hash: the roster's hash (the next epoch's ``prev``).
+        issued_at: when it was signed (unix seconds).
+        expires_at: when it expires (unix seconds).
+        payload: the roster's canonical bytes, exactly as signed.
+    """
+
+    path: str
+    epoch: int
+    hash: bytes
+    issued_at: int
+    expires_at: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecordState:
+    """The key record the directory last signed for a user (public data, kept between runs)."""
+
+    user: str
+    version: int
+    payload: bytes

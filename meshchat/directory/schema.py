@@ -108,3 +108,33 @@ def _broker_hashes(db: Database) -> None:
     """Mosquitto-format hashes beside argon2id, for `meshchat deploy mosquitto`."""
     db.table("users").add_column("broker_hash", str)
     db.table("devices").add_column("broker_hash", str)
+
+
+@MIGRATIONS(name="0003_e2ee_keys")
+def _e2ee_keys(db: Database) -> None:
+    """Public device keys, group policy versions, and what the directory last signed.
+
+    Only public keys and signed public documents live here; secrets stay in ``DATA/keys``.
+    """
+    db.table("devices").add_column("signing_public", bytes)
+    db.table("devices").add_column("box_public", bytes)
+    db.table("groups").add_column("policy_version", int, not_null_default=0)
+    db.table("rosters").create(
+        {
+            "dept": str,
+            "name": str,
+            "epoch": int,
+            "hash": str,
+            "issued_at": int,
+            "expires_at": int,
+            "payload": bytes,
+        },
+        pk=("dept", "name"),
+        not_null={"epoch", "hash", "issued_at", "expires_at", "payload"},
+    )
+    db.table("key_records").create(
+        {"user": str, "version": int, "payload": bytes},
+        pk="user",
+        not_null={"version", "payload"},
+        foreign_keys=[("user", "users", "name")],
+    )

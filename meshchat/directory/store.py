@@ -39,8 +39,10 @@ from meshchat.directory.model import (
     Device,
     Group,
     GroupKind,
+    KeyRecordState,
     Permission,
     Role,
+    RosterState,
     Site,
     User,
     UserStatus,
@@ -61,6 +63,9 @@ __all__ = ["DIRECTORY_FILE", "Directory", "parse_group_path"]
 
 DIRECTORY_FILE: Final = "directory.db"
 DEFAULT_POST_ROLES: Final = frozenset({Role.ADMIN, Role.MANAGER})
+PUBLIC_KEY_LEN: Final = 32
+KEY_ACTIONS: Final = frozenset({"org.keys", "user.identity"})
+"""Audit actions `Directory.audit_keys` may record (key creation, public keys only)."""
 
 
 def parse_group_path(path: str) -> tuple[str, str]:
@@ -165,6 +170,29 @@ class Directory:
     def data_version(self) -> int:
         """A number that changes whenever another connection commits a change."""
         return int(self.db.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction around several calls (read, decide, write with no one between).
+
+        Calls inside it join it; it commits at the end of the block, or rolls back on an error.
+        """
+        with self._write():
+            yield
+
+    def audit_keys(self, actor: str, action: str, target: str, **public: str) -> None:
+        """Record the creation of keys in the audit log: public keys and fingerprints only.
+
+        Args:
+            actor: who (or which start of the server) created them.
+            action: one of `KEY_ACTIONS`.
+            target: the org or the user.
+            **public: public keys (hex) and fingerprints; never a secret.
+        """
+        if action not in KEY_ACTIONS:
+            raise ValueError(f"{action!r} is not a key action")
+        with self._write():
+            self._audit(actor, action, target, **public)
 
     # -- org ---------------------------------------------------------------------------------
 
@@ -620,9 +648,115 @@ class Directory:
             "owner = ?" if owner else None, [owner] if owner else [], order_by="name"
         )
         return [
-            Device(r["name"], r["owner"], r["kind"], UserStatus(r["status"]), r["created_at"])
+            Device(
+                r["name"],
+                r["owner"],
+                r["kind"],
+                UserStatus(r["status"]),
+                r["created_at"],
+                signing_public=r["signing_public"],
+                box_public=r["box_public"],
+            )
             for r in rows
         ]
+
+    def set_device_keys(self, device: str, signing: bytes, box: bytes, *, actor: str) -> Device:
+        """Register a device's public keys (Ed25519 to verify it, X25519 to seal to it).
+
+        Users set their own devices' keys (at login); admins anyone's. Only public keys are
+        stored and audited; the device keeps its secrets.
+
+        Raises:
+            NotFoundError: no such device.
+            PermissionDeniedError: someone else's device without ``user.manage``.
+            DirectoryError: the device is revoked, or a key is not 32 bytes.
+        """
+        if len(signing) != PUBLIC_KEY_LEN or len(box) != PUBLIC_KEY_LEN:
+            raise DirectoryError(f"a device's public keys are {PUBLIC_KEY_LEN} bytes each")
+        if signing == box:
+            raise DirectoryError("a device's signing and box keys must be different keys")
+        with self._write():
+            rows = list(self.db.table("devices").rows_where("name = ?", [device]))
+            if not rows:
+                raise NotFoundError(f"no device {device!r}")
+            row = rows[0]
+            if actor != row["owner"]:
+                rbac.require(self._actor(actor), Permission.USER_MANAGE)
+            if row["status"] != UserStatus.ACTIVE.value:
+                raise DirectoryError(f"device {device!r} is revoked")
+            if (row["signing_public"], row["box_public"]) != (signing, box):
+                self.db.table("devices").update(
+                    device, {"signing_public": signing, "box_public": box}
+                )
+                self._audit(
+                    actor,
+                    "device.keys",
+                    device,
+                    owner=row["owner"],
+                    signing=signing.hex(),
+                    box=box.hex(),
+                )
+        return next(d for d in self.devices(owner=row["owner"]) if d.name == device)
+
+    # -- what the directory last signed (public documents, no secrets) ------------------------
+
+    def roster_state(self, path: str) -> RosterState | None:
+        """The roster last signed for a group, or None before the first one."""
+        dept, name = parse_group_path(path)
+        row = self.db.conn.execute(
+            "SELECT epoch, hash, issued_at, expires_at, payload FROM rosters "
+            "WHERE dept = ? AND name = ?",
+            (dept, name),
+        ).fetchone()
+        if row is None:
+            return None
+        epoch, digest, issued_at, expires_at, payload = row
+        return RosterState(path, epoch, bytes.fromhex(digest), issued_at, expires_at, payload)
+
+    def save_roster_state(self, state: RosterState) -> None:
+        """Keep the roster just signed for a group (its epoch never goes back)."""
+        dept, name = parse_group_path(state.path)
+        with self._write():
+            before = self.roster_state(state.path)
+            if before is not None and state.epoch <= before.epoch:
+                raise DirectoryError(
+                    f"roster epoch {state.epoch} of {state.path} is not after {before.epoch}"
+                )
+            self.db.conn.execute(
+                "INSERT OR REPLACE INTO rosters "
+                "(dept, name, epoch, hash, issued_at, expires_at, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    dept,
+                    name,
+                    state.epoch,
+                    state.hash.hex(),
+                    state.issued_at,
+                    state.expires_at,
+                    state.payload,
+                ),
+            )
+
+    def key_record_state(self, user: str) -> KeyRecordState | None:
+        """The key record last signed for a user, or None before the first one."""
+        row = self.db.conn.execute(
+            "SELECT version, payload FROM key_records WHERE user = ?", (user,)
+        ).fetchone()
+        return None if row is None else KeyRecordState(user, row[0], row[1])
+
+    def save_key_record_state(self, state: KeyRecordState) -> None:
+        """Keep the key record just signed for a user (its version never goes back)."""
+        with self._write():
+            before = self.key_record_state(state.user)
+            if before is not None and state.version <= before.version:
+                raise DirectoryError(
+                    f"key record version {state.version} of {state.user} is not after "
+                    f"{before.version}"
+                )
+            self.db.conn.execute(
+                "INSERT OR REPLACE INTO key_records (user, version, payload) VALUES (?, ?, ?)",
+                (state.user, state.version, state.payload),
+            )
 
     def revoke_device(self, actor: str, name: str) -> None:
         """Revoke one device's credential.
@@ -728,6 +862,7 @@ class Directory:
             compliance=bool(row["compliance"]),
             rotation_pending=bool(row["rotation_pending"]),
             members=members,
+            policy_version=row["policy_version"],
         )
 
     def group(self, path: str) -> Group:
@@ -916,9 +1051,9 @@ class Directory:
             if changes:
                 row = self._group_row(dept, name)
                 assert row is not None
-                self.db.table("groups").update(
-                    row["id"], {k: int(v) if isinstance(v, bool) else v for k, v in changes.items()}
-                )
+                values = {k: int(v) if isinstance(v, bool) else v for k, v in changes.items()}
+                values["policy_version"] = row["policy_version"] + 1
+                self.db.table("groups").update(row["id"], values)
                 self._audit(actor, "group.policy", path, **changes)
         return self.group(path)
 

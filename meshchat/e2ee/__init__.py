@@ -8,6 +8,7 @@ from meshchat.e2ee.chain import (
     ChainShare,
     InboundChain,
     OutboundChain,
+    advance,
     group_id,
 )
 from meshchat.e2ee.compliance import ComplianceReader
@@ -43,6 +44,7 @@ from meshchat.e2ee.roster import (
 )
 from meshchat.e2ee.session import (
     COMPLIANCE_RECIPIENT,
+    MAX_PENDING,
     Decrypted,
     DeviceSession,
     Direct,
@@ -72,6 +74,7 @@ __all__ = [
     "MAX_CHAIN_AGE",
     "MAX_CHAIN_MESSAGES",
     "MAX_FORWARD_JUMP",
+    "MAX_PENDING",
     "MAX_SKIPPED_KEYS",
     "BoxKeyPair",
     "ChainShare",
@@ -110,6 +113,7 @@ __all__ = [
     "Waiting",
     "WithheldReason",
     "WrongPassphraseError",
+    "advance",
     "certify_compliance",
     "certify_identity",
     "certify_signer",

@@ -126,13 +126,15 @@ def test_offboarding_and_roles(meshchat: Meshchat) -> None:
 
 
 def test_audit_show_and_verify(meshchat: Meshchat) -> None:
-    entries = meshchat.json("audit", "show", "--last", "2")
+    entries = meshchat.json("audit", "show", "--last", "4")
     assert isinstance(entries, list)
     assert [(e["action"], e["target"]) for e in entries] == [
         ("user.add", "bob"),
+        ("user.identity", "bob"),
         ("user.add", "carol"),
+        ("user.identity", "carol"),
     ]
-    assert meshchat.json("audit", "verify") == {"ok": True, "rows": 6}
+    assert meshchat.json("audit", "verify") == {"ok": True, "rows": 10}
     with sqlite3.connect(meshchat.data / "directory.db") as conn:
         conn.execute("UPDATE audit SET target = 'mallory' WHERE seq = 5")
     output = meshchat("audit", "verify", code=1)

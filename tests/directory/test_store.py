@@ -8,8 +8,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from sqlite_utils import Database
 
-from meshchat.directory import Directory, GroupKind, Role
+from meshchat.directory import MIGRATIONS, Directory, GroupKind, Role
 from meshchat.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -180,7 +181,36 @@ def test_schema_is_migrated_once(tmp_path: Path) -> None:
     Directory(path).close()
     with sqlite3.connect(path) as conn:
         names = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")]
-    assert names == ["0001_initial", "0002_broker_hashes"]
+    assert names == ["0001_initial", "0002_broker_hashes", "0003_e2ee_keys"]
+
+
+def test_a_directory_from_before_e2ee_keys_keeps_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    old = Database(path)
+    MIGRATIONS.apply(old, stop_before="0003_e2ee_keys")
+    old.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO org (name, created_at) VALUES ('acme', 1)")
+        conn.execute("INSERT INTO departments (name, created_at) VALUES ('ops', 1)")
+        conn.execute(
+            "INSERT INTO users (name, dept, role, status, created_at, updated_at) "
+            "VALUES ('bob', 'ops', 'manager', 'active', 1, 1)"
+        )
+        conn.execute(
+            "INSERT INTO devices (name, owner, kind, status, created_at) "
+            "VALUES ('bob-phone', 'bob', 'phone', 'active', 1)"
+        )
+        conn.execute(
+            "INSERT INTO groups (dept, name, kind, created_at, created_by) "
+            "VALUES ('ops', 'line1', 'public', 1, 'bob')"
+        )
+    conn.close()
+    with Directory(path) as directory:
+        assert directory.group("ops/line1").policy_version == 0
+        assert not directory.devices(owner="bob")[0].has_keys
+        assert directory.roster_state("ops/line1") is None
+        device = directory.set_device_keys("bob-phone", b"s" * 32, b"b" * 32, actor="bob")
+        assert device.has_keys
 
 
 def test_broker_credentials_verify_with_mosquittos_algorithm(directory: Directory) -> None:
