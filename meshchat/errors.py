@@ -7,6 +7,7 @@ MeshchatError
 ├── ConfigError         a setting, a file or the data directory is unusable
 ├── BrokerError         the embedded broker cannot start or stop
 │   └── AddressInUseError   the port the broker should listen on is taken
+├── TransportError      the MQTT link cannot take or deliver a message (outbox full, closed, ...)
 ├── E2EEError           end-to-end encryption refused a message or a key
 │   ├── DecryptError            unknown chain, key not available, or authentication failed
 │   ├── DuplicateMessageError   an identical redelivery of a message already read (drop it)
@@ -45,6 +46,7 @@ __all__ = [
     "PermissionDeniedError",
     "ReplayError",
     "TopicError",
+    "TransportError",
 ]
 
 
@@ -92,6 +94,23 @@ class AddressInUseError(BrokerError):
         super().__init__(message)
         self.host = host
         self.port = port
+
+
+class TransportError(MeshchatError):
+    """The MQTT transport cannot take or deliver a message.
+
+    A broker that refuses the credentials raises `AuthenticationError` instead, and one that
+    refuses a subscription `PermissionDeniedError`: both are answers of the directory's policy.
+
+    Attributes:
+        reason: a short machine-readable reason (``"outbox-full"``, ``"too-large"``,
+            ``"closed"``, ``"reused"``, ``"qos"``, ``"unsubscribed"``).
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        """Create the error with its reason."""
+        super().__init__(message)
+        self.reason = reason
 
 
 class DirectoryError(MeshchatError):
