@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,9 +15,14 @@ from typing import TYPE_CHECKING, Final, Self
 
 from meshchat.broker import AccessGate, BrokerSettings, EmbeddedBroker, Listener
 from meshchat.broker.access import ConnectLimit
+from meshchat.client.transport import Transport
 from meshchat.directory import DIRECTORY_FILE, AccessPolicy, Directory
+from meshchat.directory.credentials import hash_token
+from meshchat.directory.policy import DIRECTORY_SERVICE, SERVICE_PREFIX
+from meshchat.directory.service import DirectoryService
 from meshchat.directory.signing import OrgKeys, generate_passphrase
 from meshchat.directory.watch import DirectoryWatcher
+from meshchat.errors import ConfigError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -89,6 +95,10 @@ class SiteServer:
         self.connect_limit = connect_limit
         self.bootstrap: Bootstrap | None = None
         self.new_keys: NewOrgKeys | None = None
+        self.directory_service: DirectoryService | None = None
+        # Tokens of meshchat's own services, made fresh on every start (the broker's policy
+        # knows their hashes only).
+        self._service_tokens = {DIRECTORY_SERVICE: secrets.token_urlsafe(24)}
         self.watcher: DirectoryWatcher | None = None
         settings = broker or BrokerSettings()
         if durable and settings.state_dir is None:
@@ -160,17 +170,63 @@ class SiteServer:
                 # argon2id (the root passphrase) and SQLite are blocking: off the event loop.
                 await asyncio.to_thread(self._bootstrap)
                 self.watcher = await stack.enter_async_context(
-                    DirectoryWatcher(self.directory_file)
+                    DirectoryWatcher(
+                        self.directory_file,
+                        service_tokens={
+                            name: hash_token(token) for name, token in self._service_tokens.items()
+                        },
+                    )
                 )
                 gate = AccessGate(self.watcher.policy, connect_limit=self.connect_limit)
                 self.broker = EmbeddedBroker(self._broker_settings, access=gate)
                 self.watcher.add_listener(self._on_policy)
             await stack.enter_async_context(self.broker)
+            if not self.anonymous:
+                await self._start_directory_service()
             self._write_runtime_file()
         except BaseException:
             await stack.aclose()
             raise
         return self
+
+    def _service_url(self) -> str:
+        """Where in-process services reach the broker: its first TCP listener, over loopback."""
+        tcp = next((li for li in self.listeners if li.scheme == "mqtt"), None)
+        if tcp is None:
+            raise ConfigError("the broker needs a TCP listener for meshchat's own services")
+        host = "127.0.0.1" if tcp.host in {"0.0.0.0", "", "::"} else tcp.host  # noqa: S104  # comparing, not binding
+        return f"mqtt://{host}:{tcp.port}"
+
+    async def _start_directory_service(self) -> None:
+        """Answer clients on ``_s/dir`` and publish signed rosters and key records."""
+        name = DIRECTORY_SERVICE
+        transport = await self._stack.enter_async_context(
+            Transport(
+                self._service_url(),
+                client_id=f"{SERVICE_PREFIX}{name}",
+                username=f"{SERVICE_PREFIX}{name}",
+                password=self._service_tokens[name],
+                clean_session=True,
+            )
+        )
+        assert self.watcher is not None
+        self.directory_service = DirectoryService(
+            self.data.path, transport, on_change=self.watcher.reload
+        )
+        task = asyncio.create_task(self.directory_service.run(), name="meshchat[dir-service]")
+
+        async def changed(_policy: AccessPolicy) -> None:
+            assert self.directory_service is not None
+            self.directory_service.directory_changed()
+
+        self.watcher.add_listener(changed)
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self._stack.push_async_callback(stop)
 
     def _write_runtime_file(self) -> None:
         state = {"pid": os.getpid(), "listeners": [listener.url for listener in self.listeners]}

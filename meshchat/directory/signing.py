@@ -376,6 +376,10 @@ class OrgKeys:
             )
         return key
 
+    def has_identity(self, user: str) -> bool:
+        """Whether the user has an identity key."""
+        return self._signing_key(self._store, _identity_file(user)) is not None
+
     def identity_public(self, user: str) -> bytes:
         """A user's identity key (public part).
 
