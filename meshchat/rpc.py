@@ -16,7 +16,15 @@ import msgpack
 
 from meshchat.errors import EnvelopeError
 
-__all__ = ["MAX_RPC_LEN", "Reply", "Request", "decode_reply", "decode_request", "new_id"]
+__all__ = [
+    "MAX_RPC_LEN",
+    "PUSH_ID",
+    "Reply",
+    "Request",
+    "decode_reply",
+    "decode_request",
+    "new_id",
+]
 
 MAX_RPC_LEN: Final = 64 * 1024
 ID_LEN: Final = 8
@@ -24,9 +32,16 @@ _MAX_OP_LEN: Final = 32
 _MAX_ERROR_LEN: Final = 500
 
 
+PUSH_ID: Final = bytes(ID_LEN)
+"""The id of a reply no request asked for: a service's standing word, kept retained (the
+directory's list of a user's groups)."""
+
+
 def new_id() -> bytes:
-    """A fresh request id."""
-    return secrets.token_bytes(ID_LEN)
+    """A fresh request id (never `PUSH_ID`)."""
+    while (made := secrets.token_bytes(ID_LEN)) == PUSH_ID:
+        pass
+    return made
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,8 @@ NOT_REEXPORTED = {
     # It holds the org's keys (it imports meshchat.e2ee); the broker imports meshchat.directory
     # and must never load crypto, so it is imported by its full name only.
     "meshchat.directory.signing",
+    # The directory service uses the org keys (through signing) and the client transport.
+    "meshchat.directory.service",
 }
 
 

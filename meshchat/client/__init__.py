@@ -1,5 +1,16 @@
 """Clients: the MQTT transport, the E2EE client session, the local store and the device SDK."""
 
+from meshchat.client.core import (
+    Alarm,
+    Client,
+    ClientEvent,
+    GroupsChanged,
+    LinkChanged,
+    Message,
+    Unreadable,
+)
+from meshchat.client.login import LoginRefusedError, default_device_name, login
+from meshchat.client.profile import PROFILES_DIR, DeviceProfile, list_profiles, open_profile
 from meshchat.client.store import ClientStore, OutboxItem, StoredMessage
 from meshchat.client.transport import Transport
 from meshchat.client.urls import (
@@ -24,16 +35,30 @@ __all__ = [
     "DEFAULT_MAX_PAYLOAD",
     "DEFAULT_PORTS",
     "DEFAULT_WS_PATH",
+    "PROFILES_DIR",
+    "Alarm",
     "Backoff",
     "BrokerUrl",
+    "Client",
+    "ClientEvent",
     "ClientStore",
+    "DeviceProfile",
+    "GroupsChanged",
     "Incoming",
+    "LinkChanged",
+    "LoginRefusedError",
+    "Message",
     "OutboxItem",
     "Publication",
     "StateChange",
     "StoredMessage",
     "Transport",
     "TransportState",
+    "Unreadable",
     "UrlScheme",
     "check_qos",
+    "default_device_name",
+    "list_profiles",
+    "login",
+    "open_profile",
 ]

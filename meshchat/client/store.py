@@ -329,7 +329,7 @@ class ClientStore:
             where.append(f"kind NOT IN ({EDIT}, {RECALL})")
         sql = (
             f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where) or '1'} "  # noqa: S608  # fixed column and clause strings
-            "ORDER BY ts DESC, chain_id DESC, idx DESC LIMIT ?"
+            "ORDER BY ts DESC, rowid DESC LIMIT ?"
         )
         rows = self.db.execute(sql, (*args, limit)).fetchall()
         return [_message(row) for row in reversed(rows)]
@@ -359,7 +359,7 @@ class ClientStore:
         sql = (
             f"SELECT {_COLUMNS} FROM messages WHERE rowid IN "  # noqa: S608  # fixed strings
             "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?) AND "
-            f"{' AND '.join(where)} ORDER BY ts DESC LIMIT ?"
+            f"{' AND '.join(where)} ORDER BY ts DESC, rowid DESC LIMIT ?"
         )
         rows = self.db.execute(sql, (query, *args, limit)).fetchall()
         return [_message(row) for row in reversed(rows)]

@@ -3,8 +3,9 @@
 Clients on other machines never see the directory file. This service, inside ``meshchat up``,
 is how they learn what it holds:
 
-- it publishes, retained, the signed roster of every group on ``.../_r`` and the signed key
-  record of every user on ``_k/{user}``, and publishes again whatever changed whenever the
+- it publishes, retained, the signed roster of every group on ``.../_r``, the signed key
+  record of every user on ``_k/{user}`` and each user's groups on ``_s/dir/{user}/reply``,
+  and publishes again whatever changed whenever the
   directory changes (an admin command, an HR import, a registration) and before rosters expire;
   an emptied key record tells every sender that a revoked user's devices are gone;
 - it answers requests on ``_s/dir/{user}`` (the broker lets each user publish under their own
@@ -44,7 +45,7 @@ from meshchat.directory.signing import OrgKeys
 from meshchat.directory.store import Directory
 from meshchat.envelope import encode
 from meshchat.errors import EnvelopeError, MeshchatError, TopicError
-from meshchat.rpc import Reply, Request, decode_request
+from meshchat.rpc import PUSH_ID, Reply, Request, decode_request
 from meshchat.topics import (
     GroupTopic,
     KeyTopic,
@@ -118,6 +119,10 @@ class DirectoryResponder:
                 wanted[KeyTopic(self.org, user.name).topic] = encode(
                     self.keys.key_record(self.directory, user.name)
                 )
+        for user in self.directory.users():
+            # Each user's groups, retained on their reply topic: clients follow changes live.
+            reply_to = ServiceTopic(self.org, DIRECTORY_SERVICE, user.name, reply=True).topic
+            wanted[reply_to] = Reply(PUSH_ID, ok=True, value=self._groups(user.name)).encode()
         for group in self.directory.groups():
             if group.expired(now):
                 continue

@@ -1,0 +1,386 @@
+"""Client commands: `meshchat login`, `send`, `tail` and `history`.
+
+They work from a device profile (``DATA/profiles/{user}``) that `login` creates on this machine;
+the server's files are never needed (on the server's own machine they only supply defaults).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Final, TypeVar
+
+import typer
+
+from cli.common import (
+    DEFAULT_DATA,
+    DataOption,
+    JsonOption,
+    PasswordStdinOption,
+    console,
+    emit_json,
+    err_console,
+    fail,
+    read_password,
+)
+from meshchat.client import (
+    Alarm,
+    Client,
+    ClientEvent,
+    DeviceProfile,
+    GroupsChanged,
+    LinkChanged,
+    Message,
+    Unreadable,
+    default_device_name,
+    login,
+    open_profile,
+)
+from meshchat.client.store import ClientStore, StoredMessage
+from meshchat.directory import DIRECTORY_FILE, Directory
+from meshchat.e2ee import Inner, Kind
+from meshchat.errors import MeshchatError
+from meshchat.server import DEFAULT_ORG, RUNTIME_FILE
+from meshchat.timeutil import parse_duration
+
+__all__ = ["history", "login_command", "send", "tail"]
+
+DEFAULT_BROKER: Final = "mqtt://127.0.0.1:1883"
+T = TypeVar("T")
+
+BrokerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--broker",
+        envvar="MESHCHAT_BROKER",
+        help="Broker URL (mqtt://, mqtts://, ws://); default: the profile's, else "
+        "mqtt://127.0.0.1:1883.",
+    ),
+]
+AsUserOption = Annotated[
+    str | None,
+    typer.Option(
+        "--as", envvar="MESHCHAT_AS", help="Use this user's device profile (needed with several)."
+    ),
+]
+GroupArgument = Annotated[str, typer.Argument(help="The group, DEPT/GROUP.")]
+
+
+def _run(work: Callable[[], Coroutine[object, object, T]]) -> T:
+    """Run a coroutine; meshchat errors become one `error:` line, Ctrl-C a quiet exit."""
+    try:
+        return asyncio.run(work())
+    except MeshchatError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _profile(data: Path, user: str | None) -> DeviceProfile:
+    try:
+        return open_profile(data, user)
+    except MeshchatError as exc:
+        fail(str(exc))
+
+
+def _local_defaults(data: Path) -> tuple[str | None, str | None]:
+    """(org, broker) of a site server running from the same data directory, if any."""
+    org = broker = None
+    with contextlib.suppress(MeshchatError, OSError, ValueError):
+        if (data / DIRECTORY_FILE).exists():
+            with Directory(data / DIRECTORY_FILE) as directory:
+                org = directory.org
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        state = json.loads((data / RUNTIME_FILE).read_text(encoding="utf-8"))
+        broker = next(
+            (
+                url.replace("0.0.0.0", "127.0.0.1")  # noqa: S104  # a URL, not a bind
+                for url in state["listeners"]
+                if url.startswith("mqtt://")
+            ),
+            None,
+        )
+    return org, broker
+
+
+def login_command(
+    user: Annotated[str, typer.Argument(help="Your user name.")],
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="Name for this device (default: USER-HOSTNAME)."),
+    ] = None,
+    org: Annotated[
+        str | None,
+        typer.Option(
+            "--org",
+            envvar="MESHCHAT_ORG",
+            help=f"The org (default: the local server's, else {DEFAULT_ORG}).",
+        ),
+    ] = None,
+    broker: BrokerOption = None,
+    fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            "--fingerprint",
+            help="The org root key's fingerprint your admin gave you; login stops if it differs.",
+        ),
+    ] = None,
+    password_stdin: PasswordStdinOption = False,
+    data: DataOption = DEFAULT_DATA,
+    json_output: JsonOption = False,
+) -> None:
+    """Create a device profile and keys on this machine and register them with your password.
+
+    The keys never leave this machine; the password is used for this one login and not kept.
+    """
+    local_org, local_broker = _local_defaults(data)
+    org = org or local_org or DEFAULT_ORG
+    broker = broker or local_broker or DEFAULT_BROKER
+    device = device or default_device_name(user)
+    password = read_password(from_stdin=password_stdin, confirm=False)
+    profile = _run(
+        lambda: login(
+            data,
+            broker=broker,
+            org=org,
+            user=user,
+            password=password,
+            device=device,
+            fingerprint=fingerprint,
+        )
+    )
+    result = {
+        "user": profile.user,
+        "device": profile.device,
+        "org": profile.org,
+        "broker": profile.broker,
+        "fingerprint": profile.fingerprint,
+        "profile": str(profile.path),
+    }
+    if json_output:
+        emit_json(result)
+        return
+    console.print(
+        f"Logged in as [bold]{profile.user}[/] on device [bold]{profile.device}[/] "
+        f"(org {profile.org}, broker {profile.broker}).",
+        soft_wrap=True,
+    )
+    if fingerprint is None:
+        console.print(
+            f"Org root fingerprint: [bold]{profile.fingerprint}[/]. Compare it with the one your "
+            "admin announced; next time pass it with --fingerprint.",
+            soft_wrap=True,
+        )
+
+
+def _message_ref(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    chain, _, index = text.partition(":")
+    if not (chain.isdigit() and index.isdigit()):
+        fail(f"--reply {text!r}: give a message id as CHAIN:INDEX (see `history --json`)", code=2)
+    return int(chain), int(index)
+
+
+def send(
+    group: GroupArgument,
+    text: Annotated[str, typer.Argument(help="The message (markdown).")],
+    as_user: AsUserOption = None,
+    reply: Annotated[
+        str | None, typer.Option("--reply", help="Reply to message CHAIN:INDEX.")
+    ] = None,
+    urgent: Annotated[
+        bool, typer.Option("--urgent", help="An urgent notice that asks for acknowledgements.")
+    ] = False,
+    broker: BrokerOption = None,
+    wait: Annotated[
+        float, typer.Option("--wait", help="Seconds to wait for the broker before giving up.")
+    ] = 15.0,
+    data: DataOption = DEFAULT_DATA,
+    json_output: JsonOption = False,
+) -> None:
+    """Send a message to a group (end-to-end encrypted).
+
+    When the broker cannot be reached in time the message stays in this device's outbox and goes
+    out with the next `send`, `tail` or `chat`; the exit code is then 3.
+    """
+    profile = _profile(data, as_user)
+    target = _message_ref(reply)
+    if urgent and target is not None:
+        fail("--urgent and --reply cannot be combined", code=2)
+    now = int(time.time())
+    if urgent:
+        inner = Inner(Kind.URGENT, now, (text,))
+    elif target is not None:
+        inner = Inner(Kind.REPLY, now, (text, target))
+    else:
+        inner = Inner(Kind.TEXT, now, (text,))
+
+    async def work() -> bool:
+        async with Client(profile, broker=broker) as client:
+            await client.send_inner(group, inner)
+            try:
+                async with asyncio.timeout(wait):
+                    await client.flush()
+            except TimeoutError:
+                return False
+            return True
+
+    delivered = _run(work)
+    if json_output:
+        emit_json({"group": group, "sent": delivered})
+    elif delivered:
+        console.print(f"Sent to {group}.")
+    if not delivered:
+        err_console.print(
+            f"[bold yellow]not sent yet:[/] no broker within {wait:.0f} s; the message is kept "
+            "in the outbox and goes out with the next `meshchat send`, `tail` or `chat`.",
+            soft_wrap=True,
+        )
+        raise typer.Exit(3)
+
+
+def _event_json(event: ClientEvent) -> dict[str, object]:
+    match event:
+        case Message():
+            return {
+                "event": "message",
+                "group": event.group,
+                "id": f"{event.message_id[0]}:{event.message_id[1]}",
+                "sender": event.sender,
+                "device": event.device,
+                "kind": event.kind.name.lower(),
+                "ts": event.ts,
+                "text": event.text,
+            }
+        case Unreadable():
+            return {
+                "event": "unreadable",
+                "group": event.group,
+                "id": f"{event.message_id[0]}:{event.message_id[1]}",
+                "reason": event.reason,
+            }
+        case Alarm():
+            return {"event": "alarm", "what": event.what, "reason": event.reason}
+        case GroupsChanged():
+            return {"event": "groups", "groups": list(event.groups)}
+    return {"event": "link", "state": event.state.value, "queued": event.queued}
+
+
+def _clock(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def _print_event(event: ClientEvent) -> None:
+    match event:
+        case Message(kind=Kind.URGENT):
+            console.print(
+                f"[dim]{_clock(event.ts)}[/] [bold red]URGENT[/] [bold]{event.sender}[/]: "
+                f"{event.text}",
+                soft_wrap=True,
+            )
+        case Message():
+            console.print(
+                f"[dim]{_clock(event.ts)}[/] [bold]{event.sender}[/]: {event.text}",
+                soft_wrap=True,
+                markup=True,
+            )
+        case Unreadable():
+            console.print(f"[dim]message {event.message_id}: {event.reason}[/]", soft_wrap=True)
+        case Alarm():
+            err_console.print(f"[bold red]alarm:[/] {event.what}: {event.reason}", soft_wrap=True)
+        case LinkChanged():
+            err_console.print(f"[dim]link {event.state.value}, {event.queued} queued[/]")
+        case GroupsChanged():
+            err_console.print(f"[dim]your groups: {', '.join(event.groups)}[/]")
+
+
+def tail(
+    group: GroupArgument,
+    as_user: AsUserOption = None,
+    broker: BrokerOption = None,
+    data: DataOption = DEFAULT_DATA,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="One JSON object per event and line, flushed.")
+    ] = False,
+) -> None:
+    """Print a group's messages as they arrive, until Ctrl-C."""
+    profile = _profile(data, as_user)
+
+    async def work() -> None:
+        async with Client(profile, broker=broker) as client:
+            if group not in client.groups:
+                fail(f"{profile.user} is not in {group} (groups: {', '.join(client.groups)})")
+            async for event in client.events():
+                if isinstance(event, Message | Unreadable) and event.group != group:
+                    continue
+                if json_output:
+                    sys.stdout.write(json.dumps(_event_json(event), sort_keys=True) + "\n")
+                    sys.stdout.flush()
+                else:
+                    _print_event(event)
+
+    _run(work)
+
+
+def history(
+    group: GroupArgument,
+    as_user: AsUserOption = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only messages newer than this (2d, 12h).")
+    ] = None,
+    search: Annotated[
+        str | None, typer.Option("--search", help="Only messages with all these words.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 200,
+    data: DataOption = DEFAULT_DATA,
+    json_output: JsonOption = False,
+) -> None:
+    """Show a group's messages from this device's local store (searchable, end-to-end)."""
+    profile = _profile(data, as_user)
+    try:
+        cutoff = None if since is None else time.time() - parse_duration(since)
+    except MeshchatError as exc:
+        fail(f"--since: {exc}", code=2)
+    dept, _, name = group.partition("/")
+    topic = f"mc/{profile.org}/{dept}/{name}"
+    with ClientStore(profile.store_path) as store:
+        try:
+            found = (
+                store.search(search, group_topic=topic, since=cutoff, limit=limit)
+                if search
+                else store.history(topic, since=cutoff, limit=limit)
+            )
+        except ValueError as exc:
+            fail(f"--search: {exc}", code=2)
+    if json_output:
+        emit_json([_stored_json(m) for m in found])
+        return
+    if not found:
+        console.print(f"No messages in {group}{' matching ' + repr(search) if search else ''}.")
+    for message in found:
+        body = "[dim](recalled)[/]" if message.recalled else message.body
+        edited = " [dim](edited)[/]" if message.edited_at else ""
+        console.print(
+            f"[dim]{_clock(message.ts)}[/] [bold]{message.sender}[/]: {body}{edited}",
+            soft_wrap=True,
+        )
+
+
+def _stored_json(message: StoredMessage) -> dict[str, object]:
+    return {
+        "id": f"{message.message_id[0]}:{message.message_id[1]}",
+        "sender": message.sender,
+        "device": message.device,
+        "kind": Kind(message.kind).name.lower(),
+        "ts": message.ts,
+        "text": message.body,
+        "edited": message.edited_at is not None,
+        "recalled": message.recalled,
+    }

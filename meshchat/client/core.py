@@ -1,0 +1,590 @@
+"""The E2EE client: a device profile's messaging over a transport that comes and goes.
+
+`Client` is an async context manager. It connects as the profile's device (persistent session,
+QoS 1, presence by last will), follows the rosters and key records of its groups, feeds all that
+arrives to the device's `DeviceSession`, keeps what it decrypts in the `ClientStore`, and sends
+through a durable outbox:
+
+1. `send` stores the message (plaintext, on this machine only) and returns at once;
+2. when the group's roster and its members' key records are there, the message is sealed
+   (encrypted, with the chain distributions it needs) and the session state saved in the same
+   transaction as the outbox row;
+3. the sealed envelopes are published; once the broker acknowledged all of them, the row goes.
+
+A crash at any point leaves the message queued or sealed; the next run seals or republishes it,
+and receivers drop an identical redelivery. Events (`events()`) report decrypted messages,
+messages that cannot be read and why, alarms and link changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Final, Self
+
+from meshchat.client.profile import DeviceProfile
+from meshchat.client.store import ClientStore
+from meshchat.client.transport import Transport
+from meshchat.client.values import Backoff, Publication, StateChange, TransportState
+from meshchat.e2ee import (
+    Decrypted,
+    DeviceSession,
+    Direct,
+    Inner,
+    Kind,
+    Refused,
+    ReplayAlarm,
+    Step,
+    Undecryptable,
+    Waiting,
+    encode_inner,
+)
+from meshchat.e2ee.plaintext import decode_inner
+from meshchat.envelope import GroupMessage, decode
+from meshchat.errors import (
+    E2EEError,
+    MeshchatError,
+    NotFoundError,
+    PermissionDeniedError,
+    TopicError,
+)
+from meshchat.rpc import PUSH_ID, Request, decode_reply
+from meshchat.topics import (
+    GroupTopic,
+    InboxTopic,
+    KeyTopic,
+    PresenceTopic,
+    RosterTopic,
+    ServiceTopic,
+    parse_topic,
+)
+
+__all__ = [
+    "Alarm",
+    "Client",
+    "ClientEvent",
+    "GroupsChanged",
+    "LinkChanged",
+    "Message",
+    "Unreadable",
+]
+
+logger = logging.getLogger(__name__)
+
+SESSION_KEY: Final = "session"
+GROUPS_KEY: Final = "groups"
+ONLINE: Final = b"online"
+OFFLINE: Final = b"offline"
+READY_TIMEOUT: Final = 3.0
+"""Seconds to wait for members' key records before sealing anyway (they get it later)."""
+MAX_EVENTS: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message read in a group (or a direct message, then `group` is empty)."""
+
+    group: str
+    message_id: tuple[int, int]
+    sender: str
+    device: str
+    kind: Kind
+    ts: int
+    fields: tuple[object, ...]
+    history: bool = False
+
+    @property
+    def text(self) -> str:
+        """The message's text (empty for kinds without one)."""
+        first = self.fields[0] if self.fields else ""
+        return first if isinstance(first, str) else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A message that cannot be read, with the reason to show in its place."""
+
+    group: str
+    message_id: tuple[int, int]
+    reason: str
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """Something was refused that the user should know about (forgery, replay, key change)."""
+
+    what: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LinkChanged:
+    """The link to the broker changed state; `queued` messages wait to go out."""
+
+    state: TransportState
+    queued: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupsChanged:
+    """The directory changed the groups this user is in."""
+
+    groups: tuple[str, ...]
+
+
+ClientEvent = Message | Unreadable | Alarm | LinkChanged | GroupsChanged
+
+
+def _group_path(topic: str) -> str:
+    parsed = parse_topic(topic)
+    assert isinstance(parsed, GroupTopic)
+    return parsed.path
+
+
+class Client:
+    """Messaging for one device profile; an async context manager."""
+
+    def __init__(
+        self,
+        profile: DeviceProfile,
+        *,
+        broker: str | None = None,
+        clock: Callable[[], float] = time.time,
+        backoff: Backoff | None = None,
+        ready_timeout: float = READY_TIMEOUT,
+    ) -> None:
+        """Prepare the client; nothing connects until it is entered.
+
+        Raises:
+            ConfigError: the profile is damaged or its store unusable.
+        """
+        self.profile = profile
+        self.org = profile.org
+        self._clock = clock
+        self._ready_timeout = ready_timeout
+        self.store = ClientStore(profile.store_path, clock=clock)
+        trust = profile.trust()
+        signing, box = profile.signing(), profile.box()
+        saved = self.store.get(SESSION_KEY)
+        if saved is None:
+            self.session = DeviceSession(
+                trust=trust, user=profile.user, device=profile.device, signing=signing, box=box
+            )
+        else:
+            self.session = DeviceSession.from_bytes(saved, trust=trust, signing=signing, box=box)
+        presence = PresenceTopic(self.org, profile.device).topic
+        self.transport = Transport(
+            broker or profile.broker,
+            client_id=profile.device,
+            username=profile.user,
+            password=profile.token(),
+            clean_session=False,
+            will=Publication(presence, OFFLINE, retain=True),
+            birth=Publication(presence, ONLINE, retain=True),
+            backoff=backoff,
+        )
+        self._events: asyncio.Queue[ClientEvent] = asyncio.Queue(MAX_EVENTS)
+        self._outbox_changed = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+        self._sent = asyncio.Event()
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._replies: dict[bytes, asyncio.Future[object]] = {}
+        self._groups: set[str] = set(self._saved_groups())
+        self._records_changed = asyncio.Event()
+
+    # ------------------------------------------------------------------------------ life
+
+    @property
+    def state(self) -> TransportState:
+        """The link's state."""
+        return self.transport.state
+
+    @property
+    def queued(self) -> int:
+        """Messages the user sent that the broker has not acknowledged yet."""
+        return self.store.queued
+
+    @property
+    def groups(self) -> list[str]:
+        """The groups (``dept/name``) this client follows."""
+        return sorted(self._groups)
+
+    async def __aenter__(self) -> Self:
+        """Connect (or keep trying in the background) and start following the groups.
+
+        Raises:
+            AuthenticationError: the broker refused the device's token (revoked?).
+        """
+        try:
+            await self.transport.__aenter__()
+        except BaseException:
+            self.store.close()
+            raise
+        self._start(self._consume(), "consume")
+        self._start(self._watch_link(), "link")
+        self._start(self._send_loop(), "send")
+        # Subscribing waits for the broker; offline, the client still works from its store.
+        subscribing = self._start(self._subscribe_all(), "subscribe")
+        if self.transport.state is TransportState.CONNECTED:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10.0):
+                    await asyncio.shield(subscribing)
+        return self
+
+    def _start(self, work: Coroutine[object, object, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=f"meshchat[client].{name}")
+        task.add_done_callback(_log_failure)
+        self._background.append(task)
+        return task
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Send what can be sent briefly, save the state and disconnect."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self.flush()
+        tasks = [*self._background, *self._inflight.values()]
+        self._background.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._save_session()
+        await self.transport.__aexit__(None, None, None)
+        self.store.close()
+
+    def _saved_groups(self) -> list[str]:
+        raw = self.store.get(GROUPS_KEY)
+        return [] if not raw else [g for g in raw.decode("utf-8").split("\n") if g]
+
+    def _save_groups(self) -> None:
+        self.store.put(GROUPS_KEY, "\n".join(sorted(self._groups)).encode("utf-8"))
+
+    def _save_session(self) -> None:
+        self.store.put(SESSION_KEY, self.session.to_bytes())
+
+    async def _subscribe_all(self) -> None:
+        org = self.org
+        await self.transport.subscribe(f"mc/{org}/_k/+")
+        await self.transport.subscribe(InboxTopic(org, self.profile.device).topic)
+        await self.transport.subscribe(
+            ServiceTopic(org, "dir", self.profile.user, reply=True).topic
+        )
+        for path in sorted(self._groups):
+            await self._follow(path)
+        await self._refresh_groups()
+
+    async def _subscribe_group(self, path: str) -> None:
+        dept, name = path.split("/", 1)
+        topic = GroupTopic(self.org, dept, name)
+        await self.transport.subscribe(topic.roster.topic)
+        await self.transport.subscribe(topic.topic)
+
+    async def _refresh_groups(self) -> None:
+        """Ask the directory which groups this user is in, and follow new ones."""
+        with contextlib.suppress(MeshchatError, TimeoutError):
+            async with asyncio.timeout(10.0):
+                value = await self.request("dir", Request("groups"))
+            if isinstance(value, list):
+                await self._set_groups({str(g) for g in value})
+
+    async def _set_groups(self, fresh: set[str]) -> None:
+        """Follow the groups the directory says this user is in now."""
+        added = sorted(fresh - self._groups)
+        changed = fresh != self._groups
+        self._groups = fresh
+        self._save_groups()
+        if changed:
+            self._emit(GroupsChanged(tuple(sorted(fresh))))
+        for path in added:
+            await self._follow(path)
+
+    async def _follow(self, path: str) -> None:
+        """Subscribe to a group and its roster.
+
+        The broker may learn of a new membership a moment after the directory told us, so a
+        refusal is retried briefly.
+        """
+        for delay in (0.2, 0.5, 1.0, 2.0, 4.0, None):
+            try:
+                await self._subscribe_group(path)
+            except PermissionDeniedError:
+                if delay is None or path not in self._groups:
+                    raise
+                await asyncio.sleep(delay)
+            else:
+                return
+
+    async def request(self, service: str, request: Request) -> object:
+        """Ask a service and wait for its reply (bound the wait with `asyncio.timeout`).
+
+        Raises:
+            MeshchatError: the service refused (its message).
+        """
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._replies[request.id] = future
+        try:
+            if service != "dir":
+                await self.transport.subscribe(
+                    ServiceTopic(self.org, service, self.profile.user, reply=True).topic
+                )
+            await self.transport.publish(
+                ServiceTopic(self.org, service, self.profile.user).topic, request.encode()
+            )
+            return await future
+        finally:
+            self._replies.pop(request.id, None)
+
+    # ---------------------------------------------------------------------------- events
+
+    async def events(self) -> AsyncIterator[ClientEvent]:
+        """Decrypted messages, unreadable ones, alarms and link changes, as they happen."""
+        while True:
+            yield await self._events.get()
+
+    def _emit(self, event: ClientEvent) -> None:
+        if self._events.full():
+            self._events.get_nowait()  # nobody is listening: drop the oldest
+        self._events.put_nowait(event)
+
+    async def _watch_link(self) -> None:
+        change: StateChange
+        async for change in self.transport.state_changes():
+            self._emit(LinkChanged(change.state, self.queued, change.reason))
+            if change.state is TransportState.CONNECTED:
+                self._outbox_changed.set()
+
+    # --------------------------------------------------------------------------- receiving
+
+    async def _consume(self) -> None:
+        async for message in self.transport.messages():
+            try:
+                self._dispatch(message.topic, message.payload)
+            except MeshchatError as exc:  # pragma: no cover - a bug guard: never stop reading
+                logger.warning("could not handle a message on %s: %s", message.topic, exc)
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = parse_topic(topic)
+        except TopicError:
+            return
+        match parsed:
+            case RosterTopic():
+                if payload:
+                    self._apply(self.session.on_roster(parsed.group_topic.topic, payload))
+                    self._outbox_changed.set()
+            case KeyTopic(user=user):
+                if payload:
+                    self._apply(self.session.on_key_record(user, payload))
+                    self._records_changed.set()
+            case InboxTopic():
+                self._apply(self.session.on_inbox(payload))
+            case GroupTopic():
+                self._apply(self.session.on_group_message(parsed.topic, payload))
+            case ServiceTopic(reply=True):
+                self._reply(payload)
+
+    def _reply(self, payload: bytes) -> None:
+        with contextlib.suppress(MeshchatError):
+            reply = decode_reply(payload)
+            if reply.id == PUSH_ID:
+                if reply.ok and isinstance(reply.value, list):
+                    self._start(self._set_groups({str(g) for g in reply.value}), "groups")
+                return
+            future = self._replies.get(reply.id)
+            if future is not None and not future.done():
+                if reply.ok:
+                    future.set_result(reply.value)
+                else:
+                    future.set_exception(MeshchatError(str(reply.value)))
+
+    def _apply(self, step: Step) -> None:
+        """Keep and report what a step produced, publish what it asks, save the state."""
+        for event in step.events:
+            self._record(event)
+        for item in step.outgoing:
+            self.transport.publish_nowait(item.topic, item.payload, retain=item.retain)
+        self._save_session()
+
+    def _record(self, event: object) -> None:
+        match event:
+            case Decrypted():
+                self._keep(event)
+            case Undecryptable():
+                path = _group_path(event.group_topic)
+                self.store.add_notice(
+                    event.group_topic, event.message_id, reason=event.reason, code=event.code
+                )
+                self._emit(Unreadable(path, event.message_id, event.reason, event.code))
+            case ReplayAlarm():
+                self._emit(
+                    Alarm(
+                        f"message {event.message_id} in {_group_path(event.group_topic)}",
+                        f"replayed with different content (claimed by {event.device})",
+                    )
+                )
+            case Refused():
+                logger.warning("refused %s: %s", event.what, event.reason)
+                self._emit(Alarm(event.what, event.reason))
+            case Direct():
+                self._emit(
+                    Message(
+                        "",
+                        (0, 0),
+                        event.sender,
+                        event.device,
+                        event.inner.kind,
+                        event.inner.ts,
+                        event.inner.fields,
+                    )
+                )
+            case Waiting():
+                pass
+
+    def _keep(self, event: Decrypted) -> None:
+        inner = event.inner
+        target: tuple[int, int] | None = None
+        if inner.kind is Kind.EDIT:
+            target = inner.fields[1]  # type: ignore[assignment]  # checked by the codec
+        elif inner.kind is Kind.RECALL:
+            target = inner.fields[0]  # type: ignore[assignment]
+        first = inner.fields[0] if inner.fields else ""
+        new = self.store.add_message(
+            event.group_topic,
+            event.message_id,
+            sender=event.sender,
+            device=event.device,
+            kind=int(inner.kind),
+            ts=inner.ts,
+            body=first if isinstance(first, str) else "",
+            fields=encode_inner(inner),
+            target=target,
+        )
+        if new:
+            self._emit(
+                Message(
+                    _group_path(event.group_topic),
+                    event.message_id,
+                    event.sender,
+                    event.device,
+                    inner.kind,
+                    inner.ts,
+                    inner.fields,
+                    event.history,
+                )
+            )
+
+    # ----------------------------------------------------------------------------- sending
+
+    def _topic(self, group: str) -> str:
+        if group not in self._groups:
+            known = ", ".join(self.groups) or "none"
+            raise NotFoundError(f"{self.profile.user} is not in {group} (groups: {known})")
+        dept, name = group.split("/", 1)
+        return GroupTopic(self.org, dept, name).topic
+
+    async def send(self, group: str, text: str, *, kind: Kind = Kind.TEXT) -> int:
+        """Queue a text message (``dept/name``); returns its outbox id at once.
+
+        Raises:
+            NotFoundError: the user is not in that group.
+            EnvelopeError: the message does not fit its kind.
+        """
+        return await self.send_inner(group, Inner(kind, int(self._clock()), (text,)))
+
+    async def send_inner(self, group: str, inner: Inner) -> int:
+        """Queue any message kind; returns its outbox id at once."""
+        item = self.store.enqueue(self._topic(group), encode_inner(inner))
+        self._outbox_changed.set()
+        self._emit(LinkChanged(self.state, self.queued))
+        return item
+
+    async def flush(self) -> None:
+        """Wait until the broker acknowledged everything queued (bound it with a timeout)."""
+        while self.store.queued:
+            self._sent.clear()
+            self._outbox_changed.set()
+            await self._sent.wait()
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._outbox_changed.wait()
+            self._outbox_changed.clear()
+            blocked: set[str] = set()
+            for item in self.store.outbox():
+                if item.id in self._inflight or item.group_topic in blocked:
+                    continue
+                pairs = item.sealed
+                if pairs is None:
+                    if self.session.may_send(item.group_topic, now=self._clock()) is not None:
+                        blocked.add(item.group_topic)  # keep this group's order: wait
+                        continue
+                    await self._await_records(item.group_topic)
+                    pairs = self._seal(item.id, item.group_topic, item.inner)
+                    if pairs is None:
+                        blocked.add(item.group_topic)
+                        continue
+                self._inflight[item.id] = asyncio.create_task(self._deliver(item.id, pairs))
+
+    async def _await_records(self, group_topic: str) -> None:
+        """Give members' key records a moment to arrive, so every device gets the chain now."""
+        roster = self.session.rosters.current(group_topic)
+        if roster is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._ready_timeout):
+                while any(self.session.keys.record(m) is None for m in roster.members):
+                    self._records_changed.clear()
+                    await self._records_changed.wait()
+
+    def _seal(
+        self, item_id: int, group_topic: str, raw: bytes
+    ) -> tuple[tuple[str, bytes], ...] | None:
+        try:
+            inner = decode_inner(raw)
+            outgoing = self.session.encrypt(group_topic, inner, now=self._clock())
+        except E2EEError as exc:
+            logger.warning("cannot send to %s yet: %s", group_topic, exc)
+            return None
+        pairs = tuple((item.topic, item.payload) for item in outgoing)
+        last = outgoing[-1].payload
+        message_id = _message_id(last)
+        self.store.seal(
+            item_id,
+            list(pairs),
+            message_id=message_id,
+            state_key=SESSION_KEY,
+            state=self.session.to_bytes(),
+        )
+        # Keep our own message at once (it also comes back from the broker, deduplicated).
+        self._apply(self.session.on_group_message(group_topic, last))
+        return pairs
+
+    async def _deliver(self, item_id: int, pairs: tuple[tuple[str, bytes], ...]) -> None:
+        try:
+            await asyncio.gather(
+                *(self.transport.publish(topic, payload) for topic, payload in pairs)
+            )
+        except MeshchatError as exc:
+            logger.warning("message %d not sent yet: %s", item_id, exc)
+            return
+        finally:
+            self._inflight.pop(item_id, None)
+        self.store.sent(item_id)
+        self._sent.set()
+        self._emit(LinkChanged(self.state, self.queued))
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("client task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def _message_id(payload: bytes) -> tuple[int, int]:
+    envelope = decode(payload)
+    assert isinstance(envelope, GroupMessage)
+    return (envelope.chain_id, envelope.index)

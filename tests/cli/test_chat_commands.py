@@ -1,0 +1,113 @@
+"""login, send, tail and history as a user types them, against a running `meshchat up`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cli.running import MESHCHAT, LineReader, UpProcess, read_line_matching
+
+ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "NO_COLOR": "1"}
+
+
+def meshchat(data: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MESHCHAT, *args, "--data", str(data)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Path]:
+    data = tmp_path / "data"
+    up = UpProcess(["--port", "0", "--data", str(data)])
+    try:
+        up.wait_ready()
+        for user in ("alice", "bob"):
+            done = meshchat(
+                data,
+                "user",
+                "add",
+                user,
+                "--dept",
+                "ops",
+                "--password-stdin",
+                stdin=f"{user} passphrase\n",
+            )
+            assert done.returncode == 0, done.stderr
+        assert meshchat(data, "group", "create", "ops/general").returncode == 0
+        assert meshchat(data, "group", "add", "ops/general", "alice", "bob").returncode == 0
+        yield data
+    finally:
+        up.stop()
+
+
+def test_login_send_tail_and_history(server: Path) -> None:
+    for user in ("alice", "bob"):
+        done = meshchat(server, "login", user, "--password-stdin", stdin=f"{user} passphrase\n")
+        assert done.returncode == 0, done.stderr
+        assert f"Logged in as {user}" in done.stdout
+        assert "fingerprint" in done.stdout
+    profile = server / "profiles" / "alice" / "keys"
+    assert oct(profile.stat().st_mode & 0o777) == "0o700"
+    tail = subprocess.Popen(
+        [MESHCHAT, "tail", "--as", "alice", "ops/general", "--json", "--data", str(server)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert tail.stdout is not None
+    reader = LineReader(tail.stdout)
+    try:
+        read_line_matching(reader, '"event": "link"', timeout=30)
+        sent = meshchat(server, "send", "--as", "bob", "ops/general", "pallet 7 is in bay 3")
+        assert sent.returncode == 0, sent.stderr
+        line, _ = read_line_matching(reader, "pallet 7", timeout=30)
+        event = json.loads(line)
+        assert (event["event"], event["sender"], event["text"]) == (
+            "message",
+            "bob",
+            "pallet 7 is in bay 3",
+        )
+    finally:
+        tail.terminate()
+        tail.wait(timeout=20)
+        reader.rest()
+        assert tail.stderr is not None
+        tail.stderr.close()
+    found = meshchat(
+        server, "history", "--as", "alice", "ops/general", "--search", "pallet", "--json"
+    )
+    assert found.returncode == 0, found.stderr
+    assert [m["text"] for m in json.loads(found.stdout)] == ["pallet 7 is in bay 3"]
+
+
+def test_client_errors_are_one_line(server: Path) -> None:
+    wrong = meshchat(server, "login", "alice", "--password-stdin", stdin="wrong\n")
+    assert wrong.returncode == 1
+    assert "error:" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    missing = meshchat(server, "send", "--as", "carol", "ops/general", "hi")
+    assert missing.returncode == 1
+    assert "meshchat login carol" in missing.stderr
+    assert (
+        meshchat(server, "login", "bob", "--password-stdin", stdin="bob passphrase\n").returncode
+        == 0
+    )
+    not_member = meshchat(server, "send", "--as", "bob", "ops/other", "hi")
+    assert not_member.returncode == 1
+    assert "not in ops/other" in not_member.stderr
+    bad_since = meshchat(server, "history", "--as", "bob", "ops/general", "--since", "soon")
+    assert bad_since.returncode == 2
+    assert "--since" in bad_since.stderr

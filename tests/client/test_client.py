@@ -1,0 +1,183 @@
+"""The E2EE client against a real site server: login, send, receive, restart, flaky links."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from meshchat.broker import BrokerSettings
+from meshchat.client import Backoff, DeviceProfile
+from meshchat.client.core import Client, GroupsChanged, Message
+from meshchat.client.login import LoginRefusedError, login
+from meshchat.datadir import DataDir
+from meshchat.directory import Directory, Role
+from meshchat.e2ee import TrustError
+from meshchat.errors import AuthenticationError, NotFoundError
+from meshchat.server import SiteServer
+from tests.proxy import TcpProxy
+
+PASSWORDS = {"bob": "bob password", "carol": "carol password", "dave": "dave password"}
+FAST = Backoff(initial=0.05, maximum=0.2)
+
+
+@dataclass
+class Site:
+    server: SiteServer
+    directory: Directory
+    url: str
+    clients: Path
+
+    async def login(self, user: str, device: str | None = None) -> DeviceProfile:
+        return await login(
+            self.clients / user,
+            broker=self.url,
+            org="acme",
+            user=user,
+            password=PASSWORDS[user],
+            device=device or f"{user}-laptop",
+        )
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    data = tmp_path / "server"
+    data.mkdir()
+    with Directory(data / "directory.db") as directory:
+        directory.init_org("acme", admin="root", password="root password")
+        for user, password in PASSWORDS.items():
+            role = Role.MANAGER if user == "bob" else Role.MEMBER
+            directory.add_user("root", user, dept="ops", role=role, password=password)
+        directory.create_group("bob", "ops/line1")
+        directory.add_members("bob", "ops/line1", ["carol"])
+        async with SiteServer(DataDir(data), BrokerSettings(port=0)) as server:
+            port = server.broker.listener("mqtt").port
+            yield Site(server, directory, f"mqtt://127.0.0.1:{port}", tmp_path / "clients")
+
+
+async def next_message(client: Client, *, text: str | None = None) -> Message:
+    async with asyncio.timeout(10):
+        async for event in client.events():
+            if isinstance(event, Message) and (text is None or event.text == text):
+                return event
+    raise AssertionError("no message")
+
+
+async def test_two_users_talk_end_to_end(site: Site) -> None:
+    bob_profile = await site.login("bob")
+    carol_profile = await site.login("carol")
+    async with Client(bob_profile) as bob, Client(carol_profile) as carol:
+        assert bob.groups == ["ops/line1"]
+        await bob.send("ops/line1", "forklift 3 is down")
+        received = await next_message(carol, text="forklift 3 is down")
+        assert (received.sender, received.device, received.group) == (
+            "bob",
+            "bob-laptop",
+            "ops/line1",
+        )
+        await carol.send("ops/line1", "on my way")
+        await next_message(bob, text="on my way")
+        async with asyncio.timeout(10):
+            await bob.flush()
+        assert bob.queued == 0
+        assert [m.body for m in carol.store.history("mc/acme/ops/line1")] == [
+            "forklift 3 is down",
+            "on my way",
+        ]
+
+
+async def test_the_broker_never_sees_the_text(site: Site) -> None:
+    bob_profile = await site.login("bob")
+    async with Client(bob_profile) as bob:
+        await bob.send("ops/line1", "the secret recipe")
+        async with asyncio.timeout(10):
+            await bob.flush()
+    state = (site.server.data.path / "broker.db").read_bytes()
+    assert b"secret recipe" not in state
+
+
+async def test_a_message_sent_while_offline_goes_out_on_reconnect(site: Site) -> None:
+    host, port = "127.0.0.1", site.server.broker.listener("mqtt").port
+    async with TcpProxy(host, port) as proxy:
+        bob_profile = await site.login("bob")
+        carol_profile = await site.login("carol")
+        async with (
+            Client(bob_profile, broker=proxy.url, backoff=FAST) as bob,
+            Client(carol_profile) as carol,
+        ):
+            await bob.send("ops/line1", "first")
+            await next_message(carol, text="first")
+            proxy.refuse()
+            proxy.cut()
+            await bob.send("ops/line1", "typed in the dead zone")
+            assert bob.queued >= 1
+            proxy.accept()
+            await next_message(carol, text="typed in the dead zone")
+
+
+async def test_nothing_queued_is_lost_across_a_restart(site: Site) -> None:
+    bob_profile = await site.login("bob")
+    carol_profile = await site.login("carol")
+    # bob types while the broker is unreachable, then quits.
+    async with Client(bob_profile, broker="mqtt://127.0.0.1:9", backoff=FAST) as bob:
+        await bob.send("ops/line1", "written on the train")
+        assert bob.queued == 1
+    async with Client(carol_profile) as carol, Client(bob_profile) as bob:
+        await next_message(carol, text="written on the train")
+        async with asyncio.timeout(10):
+            await bob.flush()
+
+
+async def test_a_late_joiner_reads_new_messages_and_is_told_about_old_ones(site: Site) -> None:
+    bob_profile = await site.login("bob")
+    dave_profile = await site.login("dave")
+    async with Client(bob_profile) as bob:
+        await bob.send("ops/line1", "before dave")
+        async with asyncio.timeout(10):
+            await bob.flush()
+        site.directory.add_members("bob", "ops/line1", ["dave"])
+        async with Client(dave_profile) as dave:
+            await wait_for_group(dave, "ops/line1")
+            await bob.send("ops/line1", "welcome dave")
+            received = await next_message(dave)
+            assert received.text == "welcome dave"
+
+
+async def wait_for_group(client: Client, group: str) -> None:
+    if group in client.groups:
+        return
+    async with asyncio.timeout(10):
+        async for event in client.events():
+            if isinstance(event, GroupsChanged) and group in event.groups:
+                return
+
+
+async def test_bad_logins_and_groups_get_clear_errors(site: Site) -> None:
+    with pytest.raises(AuthenticationError):
+        await login(
+            site.clients / "x",
+            broker=site.url,
+            org="acme",
+            user="bob",
+            password="nope",
+            device="b2",
+        )
+    with pytest.raises(LoginRefusedError, match="taken"):
+        await site.login("carol", device="bob")
+    with pytest.raises(TrustError, match="fingerprint"):
+        await login(
+            site.clients / "y",
+            broker=site.url,
+            org="acme",
+            user="carol",
+            password=PASSWORDS["carol"],
+            device="carol-phone",
+            fingerprint="0000-0000-0000-0000-0000",
+        )
+    profile = await site.login("carol")
+    async with Client(profile) as carol:
+        with pytest.raises(NotFoundError, match="not in ops/line2"):
+            await carol.send("ops/line2", "hello?")
