@@ -41,6 +41,7 @@ from meshchat.directory.policy import (
     DirectorySnapshot,
     Principal,
     PrincipalKind,
+    may_announce,
 )
 from meshchat.directory.rbac import DEPARTMENT_SCOPED, ROLE_PERMISSIONS, can, require
 from meshchat.directory.schema import MIGRATIONS
@@ -82,6 +83,7 @@ __all__ = [
     "chain_hash",
     "hash_password",
     "hash_token",
+    "may_announce",
     "mosquitto_hash",
     "new_token",
     "parse_group_path",

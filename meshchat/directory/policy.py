@@ -42,6 +42,7 @@ __all__ = [
     "DirectorySnapshot",
     "Principal",
     "PrincipalKind",
+    "may_announce",
 ]
 
 SERVICE_PREFIX: Final = "svc."
@@ -316,9 +317,7 @@ class AccessPolicy:
 
     @staticmethod
     def _may_announce(user: User, group: Group) -> bool:
-        if user.role not in group.post_roles:
-            return False
-        return user.role is not Role.MANAGER or user.dept == group.dept
+        return may_announce(user, group)
 
     @staticmethod
     def _own_device(principal: Principal, device: str, what: str) -> Decision:
@@ -368,6 +367,16 @@ class AccessPolicy:
     def allowed_filters(self) -> list[str]:
         """Filters every user may subscribe to with wildcards (shown in refusals and docs)."""
         return [f"{self._org_prefix}_k/+", f"{self._org_prefix}_p/+"]
+
+
+def may_announce(user: User, group: Group) -> bool:
+    """Whether `user` may post in `group` when it is an announcement group, and mention @all.
+
+    The group's posting roles decide; a manager only in their own department's groups.
+    """
+    if user.role not in group.post_roles:
+        return False
+    return user.role is not Role.MANAGER or user.dept == group.dept
 
 
 @functools.cache

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Final, Literal, Self
 
 from meshchat.directory.model import KeyRecordState, RosterState, UserStatus
+from meshchat.directory.policy import may_announce
 from meshchat.directory.store import Directory, parse_group_path
 from meshchat.e2ee import (
     GENESIS_HASH,
@@ -470,8 +471,9 @@ class OrgKeys:
         key, signer_name = self._roster_key(topic, signer)
         with directory.transaction():
             found = directory.group(group)
-            active = {user.name for user in directory.users()}
-            members = tuple(sorted(found.members & active))
+            accounts = {user.name: user for user in directory.users()}
+            members = tuple(sorted(found.members & set(accounts)))
+            announcers = tuple(m for m in members if may_announce(accounts[m], found))
             state = directory.roster_state(group)
             previous = _decode_roster(state)
             issued = int(now) if previous is None else max(int(now), previous.issued_at)
@@ -483,7 +485,9 @@ class OrgKeys:
                 previous.members,
                 previous.policy,
                 previous.compliance,
-            ) == (members, found.policy_version, found.compliance):
+                previous.announcement,
+                previous.announcers,
+            ) == (members, found.policy_version, found.compliance, found.announcement, announcers):
                 due = previous.expires_at - now < ROSTER_REFRESH
                 if not due or expires <= previous.expires_at:
                     return sign_roster(previous, key, signer_name)
@@ -496,6 +500,8 @@ class OrgKeys:
                 issued_at=issued,
                 policy=found.policy_version,
                 compliance=found.compliance,
+                announcement=found.announcement,
+                announcers=announcers,
             )
             directory.save_roster_state(
                 RosterState(group, roster.epoch, roster.hash, issued, expires, roster.encode())

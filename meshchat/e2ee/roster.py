@@ -62,6 +62,8 @@ class Roster:
             key requests.
         policy: the group policy's version; a change makes every sender rotate.
         compliance: whether each new chain is also sealed to the org compliance key.
+        announcement: only `announcers` may post (an announcement channel).
+        announcers: members whose role may post announcements and mention ``@all``.
     """
 
     group_topic: str
@@ -72,6 +74,8 @@ class Roster:
     issued_at: int = 0
     policy: int = 0
     compliance: bool = False
+    announcement: bool = False
+    announcers: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
         """Canonical bytes (members sorted), what the signer signs and the hash covers."""
@@ -85,6 +89,8 @@ class Roster:
                 self.issued_at,
                 self.policy,
                 self.compliance,
+                self.announcement,
+                sorted(self.announcers),
             ],
             use_bin_type=True,
         )
@@ -124,6 +130,8 @@ class Roster:
                 int(issued),
                 int(policy),
                 bool(compliance),
+                bool(announcement),
+                list(announcers),
             ] if len(prev) == 32 and all(
                 type(n) is int and 0 <= n < 2**63 for n in (epoch, expires, issued, policy)
             ):
@@ -133,9 +141,23 @@ class Roster:
                     names = tuple(validate_name(m, "member name") for m in members)
                     if len(set(names)) != len(names):
                         raise EnvelopeError("roster lists a member twice")
+                    posters = tuple(validate_name(a, "announcer name") for a in announcers)
+                    if not set(posters) <= set(names) or len(set(posters)) != len(posters):
+                        raise EnvelopeError("roster announcers must be distinct members")
                 except TopicError as exc:
                     raise EnvelopeError(f"roster is invalid: {exc}") from exc
-                roster = cls(topic, epoch, prev, expires, names, issued, policy, compliance)
+                roster = cls(
+                    topic,
+                    epoch,
+                    prev,
+                    expires,
+                    names,
+                    issued,
+                    policy,
+                    compliance,
+                    announcement,
+                    posters,
+                )
                 if roster.encode() != payload:
                     raise EnvelopeError("roster is not in canonical form")
                 return roster

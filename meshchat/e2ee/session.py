@@ -303,6 +303,9 @@ class DeviceSession:
             return f"the roster of {group_topic} expired; waiting for a fresh one"
         if self.user not in roster.members:
             return f"{self.user} is not a member of {group_topic}"
+        if roster.announcement and self.user not in roster.announcers:
+            allowed = ", ".join(roster.announcers) or "nobody"
+            return f"{group_topic} is an announcement channel: only {allowed} may post"
         return None
 
     def encrypt(self, group_topic: str, inner: Inner, *, now: float) -> list[Outgoing]:

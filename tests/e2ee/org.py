@@ -105,6 +105,8 @@ class Org:
         expires_at: int = NOW + 7 * DAY,
         policy: int = 0,
         compliance: bool = False,
+        announcement: bool = False,
+        announcers: tuple[str, ...] = (),
     ) -> Signed:
         before = self.rosters.get(group)
         roster = Roster(
@@ -116,6 +118,8 @@ class Org:
             issued_at,
             policy,
             compliance,
+            announcement,
+            announcers,
         )
         self.rosters[group] = roster
         return sign_roster(roster, self.directory, "dir")
@@ -158,7 +162,7 @@ class Net:
             self.take(name, session.on_key_record(user, envelope))
         self.run()
 
-    def broadcast_roster(self, group: str, *members: str, **options: int | bool) -> None:
+    def broadcast_roster(self, group: str, *members: str, **options: object) -> None:
         envelope = self.org.roster(group, *members, **options)  # type: ignore[arg-type]
         self.deliver_roster(group, envelope, self.sessions)
 

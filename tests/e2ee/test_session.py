@@ -115,6 +115,10 @@ def test_no_send_without_a_current_roster_that_lists_the_sender(net: Net) -> Non
         net.sessions["a1"].encrypt(LINE1, text("x"), now=NOW + 8 * DAY)
     with pytest.raises(RosterError, match="not a member"):
         net.sessions["c1"].encrypt(LINE1, text("x"), now=NOW)
+    net.broadcast_roster(LINE1, "alice", "bob", announcement=True, announcers=("alice",))
+    with pytest.raises(RosterError, match="announcement channel: only alice may post"):
+        net.sessions["b1"].encrypt(LINE1, text("x"), now=NOW)
+    assert net.sessions["a1"].may_send(LINE1, now=NOW) is None
 
 
 def test_a_removed_member_reads_nothing_sent_after_removal(net: Net) -> None:
