@@ -30,12 +30,14 @@ from cli.common import (
     read_password,
 )
 from meshchat.client import (
+    AckStatus,
     Alarm,
     Client,
     ClientEvent,
     DeviceProfile,
     GroupsChanged,
     LinkChanged,
+    Mention,
     Message,
     Unreadable,
     default_device_name,
@@ -49,7 +51,7 @@ from meshchat.errors import MeshchatError
 from meshchat.server import DEFAULT_ORG, RUNTIME_FILE
 from meshchat.timeutil import parse_duration
 
-__all__ = ["history", "login_command", "send", "tail"]
+__all__ = ["ack", "acks", "history", "login_command", "send", "tail"]
 
 DEFAULT_BROKER: Final = "mqtt://127.0.0.1:1883"
 T = TypeVar("T")
@@ -179,12 +181,12 @@ def login_command(
         )
 
 
-def _message_ref(text: str | None) -> tuple[int, int] | None:
+def _message_ref(text: str | None, what: str = "--reply") -> tuple[int, int] | None:
     if text is None:
         return None
     chain, _, index = text.partition(":")
     if not (chain.isdigit() and index.isdigit()):
-        fail(f"--reply {text!r}: give a message id as CHAIN:INDEX (see `history --json`)", code=2)
+        fail(f"{what} {text!r}: give a message id as CHAIN:INDEX (see `history --json`)", code=2)
     return int(chain), int(index)
 
 
@@ -246,7 +248,7 @@ def send(
         raise typer.Exit(3)
 
 
-def _event_json(event: ClientEvent) -> dict[str, object]:
+def _event_json(event: ClientEvent) -> dict[str, object]:  # noqa: PLR0911  # one per kind
     match event:
         case Message():
             return {
@@ -270,6 +272,21 @@ def _event_json(event: ClientEvent) -> dict[str, object]:
             return {"event": "alarm", "what": event.what, "reason": event.reason}
         case GroupsChanged():
             return {"event": "groups", "groups": list(event.groups)}
+        case Mention():
+            return {
+                "event": "mention",
+                "group": event.group,
+                "id": f"{event.message_id[0]}:{event.message_id[1]}",
+                "sender": event.sender,
+                "text": event.text,
+            }
+        case AckStatus():
+            return {
+                "event": "acks",
+                "group": event.group,
+                "id": f"{event.message_id[0]}:{event.message_id[1]}",
+                "unacknowledged": list(event.missing),
+            }
     return {"event": "link", "state": event.state.value, "queued": event.queued}
 
 
@@ -299,6 +316,11 @@ def _print_event(event: ClientEvent) -> None:
             err_console.print(f"[dim]link {event.state.value}, {event.queued} queued[/]")
         case GroupsChanged():
             err_console.print(f"[dim]your groups: {', '.join(event.groups)}[/]")
+        case Mention():
+            console.print(f"[bold yellow]@ {event.sender} mentioned you:[/] {event.text}")
+        case AckStatus():
+            missing = ", ".join(event.missing) or "nobody"
+            console.print(f"[dim]urgent {event.message_id}: not acknowledged by {missing}[/]")
 
 
 def tail(
@@ -384,3 +406,81 @@ def _stored_json(message: StoredMessage) -> dict[str, object]:
         "edited": message.edited_at is not None,
         "recalled": message.recalled,
     }
+
+
+MessageIdArgument = Annotated[
+    str, typer.Argument(help="The urgent notice's id, CHAIN:INDEX (see `history --json`).")
+]
+
+
+def ack(
+    group: GroupArgument,
+    message: MessageIdArgument,
+    as_user: AsUserOption = None,
+    broker: BrokerOption = None,
+    wait: Annotated[
+        float, typer.Option("--wait", help="Seconds to wait for the broker before giving up.")
+    ] = 15.0,
+    data: DataOption = DEFAULT_DATA,
+) -> None:
+    """Acknowledge an urgent notice (its sender sees who has not)."""
+    profile = _profile(data, as_user)
+    target = _message_ref(message, "message id")
+    assert target is not None
+
+    async def work() -> bool:
+        async with Client(profile, broker=broker) as client:
+            await client.ack(group, target)
+            try:
+                async with asyncio.timeout(wait):
+                    await client.flush()
+            except TimeoutError:
+                return False
+            return True
+
+    if not _run(work):
+        err_console.print(
+            "[bold yellow]not sent yet:[/] the acknowledgement is queued and goes out with the "
+            "next `meshchat send`, `tail` or `chat`.",
+            soft_wrap=True,
+        )
+        raise typer.Exit(3)
+    console.print(f"Acknowledged {message} in {group}.")
+
+
+def acks(
+    group: GroupArgument,
+    message: MessageIdArgument,
+    as_user: AsUserOption = None,
+    broker: BrokerOption = None,
+    catch_up: Annotated[
+        float,
+        typer.Option(
+            "--catch-up", help="Seconds to collect acknowledgements waiting at the broker first."
+        ),
+    ] = 3.0,
+    data: DataOption = DEFAULT_DATA,
+    json_output: JsonOption = False,
+) -> None:
+    """List who has not acknowledged an urgent notice yet."""
+    profile = _profile(data, as_user)
+    target = _message_ref(message, "message id")
+    assert target is not None
+
+    async def work() -> list[str] | None:
+        async with Client(profile, broker=broker, send_receipts=False) as client:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(catch_up):
+                    async for _ in client.events():
+                        pass
+            return client.unacknowledged(group, target)
+
+    missing = _run(work)
+    if missing is None:
+        fail(f"{message} is not an urgent notice in {group} on this device")
+    if json_output:
+        emit_json({"group": group, "id": message, "unacknowledged": missing})
+    elif missing:
+        console.print(f"Not acknowledged yet: {', '.join(missing)}")
+    else:
+        console.print("Everyone has acknowledged.")

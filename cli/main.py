@@ -8,7 +8,7 @@ import typer
 
 import meshchat
 from cli.audit import audit_app
-from cli.client import history, login_command, send, tail
+from cli.client import ack, acks, history, login_command, send, tail
 from cli.common import console
 from cli.deploy import deploy_app
 from cli.depts import dept_app
@@ -33,6 +33,8 @@ app.command("login")(login_command)
 app.command()(send)
 app.command()(tail)
 app.command()(history)
+app.command()(ack)
+app.command()(acks)
 app.add_typer(org_app, name="org")
 app.add_typer(user_app, name="user")
 app.add_typer(dept_app, name="dept")

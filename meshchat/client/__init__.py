@@ -1,11 +1,14 @@
 """Clients: the MQTT transport, the E2EE client session, the local store and the device SDK."""
 
 from meshchat.client.core import (
+    RECALL_WINDOW,
+    AckStatus,
     Alarm,
     Client,
     ClientEvent,
     GroupsChanged,
     LinkChanged,
+    Mention,
     Message,
     Unreadable,
 )
@@ -36,6 +39,8 @@ __all__ = [
     "DEFAULT_PORTS",
     "DEFAULT_WS_PATH",
     "PROFILES_DIR",
+    "RECALL_WINDOW",
+    "AckStatus",
     "Alarm",
     "Backoff",
     "BrokerUrl",
@@ -47,6 +52,7 @@ __all__ = [
     "Incoming",
     "LinkChanged",
     "LoginRefusedError",
+    "Mention",
     "Message",
     "OutboxItem",
     "Publication",

@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Final, Self
 
 from meshchat.client.profile import DeviceProfile
-from meshchat.client.store import ClientStore
+from meshchat.client.store import ClientStore, StoredMessage
 from meshchat.client.transport import Transport
 from meshchat.client.values import Backoff, Publication, StateChange, TransportState
 from meshchat.e2ee import (
@@ -64,11 +65,14 @@ from meshchat.topics import (
 )
 
 __all__ = [
+    "RECALL_WINDOW",
+    "AckStatus",
     "Alarm",
     "Client",
     "ClientEvent",
     "GroupsChanged",
     "LinkChanged",
+    "Mention",
     "Message",
     "Unreadable",
 ]
@@ -82,6 +86,12 @@ OFFLINE: Final = b"offline"
 READY_TIMEOUT: Final = 3.0
 """Seconds to wait for members' key records before sealing anyway (they get it later)."""
 MAX_EVENTS: Final = 10_000
+RECALL_WINDOW: Final = 2 * 3600
+"""Seconds during which a sender may recall a message, by default."""
+RECEIPT_INTERVAL: Final = 2.0
+MAX_RECEIPT_REFS: Final = 1000
+DELIVERED, READ = 0, 1
+_MENTION: Final = re.compile(r"(?<![\w@])@([a-z0-9][a-z0-9-]{0,31})\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +142,32 @@ class LinkChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class Mention:
+    """A message that mentions this user (or @all, from someone allowed to)."""
+
+    group: str
+    message_id: tuple[int, int]
+    sender: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class AckStatus:
+    """Someone acknowledged an urgent notice; `missing` have not yet."""
+
+    group: str
+    message_id: tuple[int, int]
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class GroupsChanged:
     """The directory changed the groups this user is in."""
 
     groups: tuple[str, ...]
 
 
-ClientEvent = Message | Unreadable | Alarm | LinkChanged | GroupsChanged
+ClientEvent = Message | Unreadable | Alarm | LinkChanged | GroupsChanged | Mention | AckStatus
 
 
 def _group_path(topic: str) -> str:
@@ -158,8 +187,22 @@ class Client:
         clock: Callable[[], float] = time.time,
         backoff: Backoff | None = None,
         ready_timeout: float = READY_TIMEOUT,
+        recall_window: int = RECALL_WINDOW,
+        send_receipts: bool = True,
+        receipt_interval: float = RECEIPT_INTERVAL,
     ) -> None:
         """Prepare the client; nothing connects until it is entered.
+
+        Args:
+            profile: the device profile.
+            broker: another broker URL than the profile's.
+            clock: the time source.
+            backoff: delays between connection attempts.
+            ready_timeout: seconds to wait for members' key records before sealing anyway.
+            recall_window: seconds after sending during which a sender may recall a message
+                (recalls arriving later are ignored).
+            send_receipts: send "delivered" receipts for messages read here (batched).
+            receipt_interval: seconds a batch of receipts collects before it goes out.
 
         Raises:
             ConfigError: the profile is damaged or its store unusable.
@@ -167,6 +210,11 @@ class Client:
         self.profile = profile
         self.org = profile.org
         self._clock = clock
+        self.recall_window = recall_window
+        self.send_receipts = send_receipts
+        self.receipt_interval = receipt_interval
+        self._receipt_batches: dict[str, list[tuple[int, int]]] | None = {}
+        self._receipts_due = asyncio.Event()
         self._ready_timeout = ready_timeout
         self.store = ClientStore(profile.store_path, clock=clock)
         trust = profile.trust()
@@ -229,6 +277,7 @@ class Client:
         self._start(self._consume(), "consume")
         self._start(self._watch_link(), "link")
         self._start(self._send_loop(), "send")
+        self._start(self._receipt_loop(), "receipts")
         # Subscribing waits for the broker; offline, the client still works from its store.
         subscribing = self._start(self._subscribe_all(), "subscribe")
         if self.transport.state is TransportState.CONNECTED:
@@ -447,14 +496,15 @@ class Client:
 
     def _keep(self, event: Decrypted) -> None:
         inner = event.inner
+        topic = event.group_topic
         target: tuple[int, int] | None = None
         if inner.kind is Kind.EDIT:
-            target = inner.fields[1]  # type: ignore[assignment]  # checked by the codec
+            target = _ref(inner.fields[1])
         elif inner.kind is Kind.RECALL:
-            target = inner.fields[0]  # type: ignore[assignment]
+            target = self._recallable(topic, _ref(inner.fields[0]), event.sender, inner.ts)
         first = inner.fields[0] if inner.fields else ""
         new = self.store.add_message(
-            event.group_topic,
+            topic,
             event.message_id,
             sender=event.sender,
             device=event.device,
@@ -464,19 +514,88 @@ class Client:
             fields=encode_inner(inner),
             target=target,
         )
-        if new:
-            self._emit(
-                Message(
-                    _group_path(event.group_topic),
-                    event.message_id,
-                    event.sender,
-                    event.device,
-                    inner.kind,
-                    inner.ts,
-                    inner.fields,
-                    event.history,
-                )
+        if not new:
+            return
+        path = _group_path(topic)
+        self._emit(
+            Message(
+                path,
+                event.message_id,
+                event.sender,
+                event.device,
+                inner.kind,
+                inner.ts,
+                inner.fields,
+                event.history,
             )
+        )
+        self._follow_up(event, path)
+
+    def _recallable(
+        self, topic: str, target: tuple[int, int], sender: str, ts: int
+    ) -> tuple[int, int] | None:
+        """The recall's target if its own sender recalls it within the window, else None."""
+        original = self.store.message(topic, target)
+        if original is None or original.sender != sender:
+            return None
+        return target if ts - original.ts <= self.recall_window else None
+
+    def _follow_up(self, event: Decrypted, path: str) -> None:
+        """What a kind means beyond the message itself: reactions, receipts, acks, mentions."""
+        inner, topic, sender = event.inner, event.group_topic, event.sender
+        match inner.kind:
+            case Kind.REACT:
+                emoji = str(inner.fields[0])
+                self.store.add_reaction(topic, _ref(inner.fields[1]), user=sender, emoji=emoji)
+            case Kind.RECEIPT:
+                kind, refs = inner.fields
+                assert isinstance(kind, int)
+                assert isinstance(refs, tuple)
+                for ref in refs:
+                    self.store.add_receipt(topic, _ref(ref), user=sender, kind=kind, at=inner.ts)
+            case Kind.ACK:
+                target = _ref(inner.fields[0])
+                if self.store.add_ack(topic, target, user=sender, at=inner.ts):
+                    missing = self.store.unacknowledged(topic, target)
+                    if missing is not None:
+                        self._emit(AckStatus(path, target, tuple(missing)))
+            case Kind.URGENT:
+                roster = self.session.rosters.current(topic)
+                members = roster.members if roster else ()
+                expected = [m for m in members if m != sender]
+                self.store.add_urgent(topic, event.message_id, expected=expected)
+        if inner.kind in {Kind.TEXT, Kind.REPLY, Kind.URGENT} and sender != self.profile.user:
+            self._note_delivered(topic, event.message_id)
+            if self._mentions_me(topic, sender, str(inner.fields[0])):
+                self._emit(Mention(path, event.message_id, sender, str(inner.fields[0])))
+
+    def _mentions_me(self, topic: str, sender: str, text: str) -> bool:
+        names = {match.lower() for match in _MENTION.findall(text)}
+        if self.profile.user in names:
+            return True
+        roster = self.session.rosters.current(topic)
+        return "all" in names and roster is not None and sender in roster.announcers
+
+    def _note_delivered(self, topic: str, message_id: tuple[int, int]) -> None:
+        if not self.send_receipts or self._receipt_batches is None:
+            return
+        batch = self._receipt_batches.setdefault(topic, [])
+        if len(batch) < MAX_RECEIPT_REFS:
+            batch.append(message_id)
+        self._receipts_due.set()
+
+    async def _receipt_loop(self) -> None:
+        """Send delivered receipts in batches: one message per group every few seconds."""
+        while True:
+            await self._receipts_due.wait()
+            await asyncio.sleep(self.receipt_interval)  # batch what arrives meanwhile
+            self._receipts_due.clear()
+            batches, self._receipt_batches = self._receipt_batches or {}, {}
+            for topic, refs in batches.items():
+                if refs and self.session.may_send(topic, now=self._clock()) is None:
+                    inner = Inner(Kind.RECEIPT, int(self._clock()), (DELIVERED, tuple(refs)))
+                    self.store.enqueue(topic, encode_inner(inner))
+            self._outbox_changed.set()
 
     # ----------------------------------------------------------------------------- sending
 
@@ -502,6 +621,70 @@ class Client:
         self._outbox_changed.set()
         self._emit(LinkChanged(self.state, self.queued))
         return item
+
+    async def reply(self, group: str, target: tuple[int, int], text: str) -> int:
+        """Reply to a message."""
+        return await self.send_inner(group, Inner(Kind.REPLY, self._now(), (text, target)))
+
+    async def edit(self, group: str, target: tuple[int, int], text: str) -> int:
+        """Change the text of one of this user's messages.
+
+        Raises:
+            PermissionDeniedError: it is not this user's message (or not here).
+        """
+        self._own(group, target, "edit")
+        return await self.send_inner(group, Inner(Kind.EDIT, self._now(), (text, target)))
+
+    async def recall(self, group: str, target: tuple[int, int]) -> int:
+        """Withdraw one of this user's messages for everyone, within the recall window.
+
+        Raises:
+            PermissionDeniedError: not this user's message, or the window has passed.
+        """
+        original = self._own(group, target, "recall")
+        if self._now() - original.ts > self.recall_window:
+            raise PermissionDeniedError(
+                f"message {target[0]}:{target[1]} is older than the recall window "
+                f"({self.recall_window // 60} minutes)",
+                actor=self.profile.user,
+                permission="message.recall",
+            )
+        return await self.send_inner(group, Inner(Kind.RECALL, self._now(), (target,)))
+
+    async def react(self, group: str, target: tuple[int, int], emoji: str) -> int:
+        """React to a message."""
+        return await self.send_inner(group, Inner(Kind.REACT, self._now(), (emoji, target)))
+
+    async def mark_read(self, group: str, targets: list[tuple[int, int]]) -> int:
+        """Tell the group these messages were read."""
+        refs = tuple(targets[:MAX_RECEIPT_REFS])
+        return await self.send_inner(group, Inner(Kind.RECEIPT, self._now(), (READ, refs)))
+
+    async def urgent(self, group: str, text: str) -> int:
+        """An urgent notice: members are asked to acknowledge it."""
+        return await self.send_inner(group, Inner(Kind.URGENT, self._now(), (text,)))
+
+    async def ack(self, group: str, target: tuple[int, int]) -> int:
+        """Acknowledge an urgent notice."""
+        return await self.send_inner(group, Inner(Kind.ACK, self._now(), (target,)))
+
+    def unacknowledged(self, group: str, target: tuple[int, int]) -> list[str] | None:
+        """Who has not acknowledged an urgent notice (None: no such urgent notice here)."""
+        return self.store.unacknowledged(self._topic(group), target)
+
+    def _own(self, group: str, target: tuple[int, int], what: str) -> StoredMessage:
+        original = self.store.message(self._topic(group), target)
+        if original is None or original.sender != self.profile.user:
+            raise PermissionDeniedError(
+                f"only the sender may {what} a message, and {target[0]}:{target[1]} is not "
+                f"one of {self.profile.user}'s messages in {group}",
+                actor=self.profile.user,
+                permission=f"message.{what}",
+            )
+        return original
+
+    def _now(self) -> int:
+        return int(self._clock())
 
     async def flush(self) -> None:
         """Wait until the broker acknowledged everything queued (bound it with a timeout)."""
@@ -577,6 +760,12 @@ class Client:
         self.store.sent(item_id)
         self._sent.set()
         self._emit(LinkChanged(self.state, self.queued))
+
+
+def _ref(value: object) -> tuple[int, int]:
+    """A message id from a decoded field (the codec checked its shape)."""
+    assert isinstance(value, tuple)
+    return (int(value[0]), int(value[1]))
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

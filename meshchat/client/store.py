@@ -83,6 +83,26 @@ def _initial(db: Database) -> None:
     )
 
 
+@MIGRATIONS(name="0002_reactions_receipts_acks")
+def _reactions(db: Database) -> None:
+    key = ["group_topic", "chain_id", "idx", "user"]
+    db.table("reactions").create(
+        {"group_topic": str, "chain_id": int, "idx": int, "user": str, "emoji": str},
+        pk=(*key, "emoji"),
+    )
+    db.table("receipts").create(
+        {"group_topic": str, "chain_id": int, "idx": int, "user": str, "kind": int, "at": int},
+        pk=(*key, "kind"),
+    )
+    db.table("acks").create(
+        {"group_topic": str, "chain_id": int, "idx": int, "user": str, "at": int}, pk=key
+    )
+    db.table("urgent").create(
+        {"group_topic": str, "chain_id": int, "idx": int, "expected": str},
+        pk=("group_topic", "chain_id", "idx"),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxItem:
     """A message the user sent that has not been acknowledged by the broker yet."""
@@ -278,6 +298,91 @@ class ClientStore:
                     (group_topic, target[0], target[1], sender),
                 )
             return True
+
+    def message(self, group_topic: str, message_id: tuple[int, int]) -> StoredMessage | None:
+        """One stored message."""
+        row = self.db.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE group_topic = ? AND chain_id = ? AND idx = ?",  # noqa: S608  # fixed columns
+            (group_topic, *message_id),
+        ).fetchone()
+        return None if row is None else _message(row)
+
+    def add_reaction(
+        self, group_topic: str, target: tuple[int, int], *, user: str, emoji: str
+    ) -> None:
+        """Keep a reaction (once per user and emoji)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO reactions VALUES (?, ?, ?, ?, ?)",
+                (group_topic, *target, user, emoji),
+            )
+
+    def reactions(self, group_topic: str, target: tuple[int, int]) -> dict[str, list[str]]:
+        """Users by emoji."""
+        rows = self.db.execute(
+            "SELECT emoji, user FROM reactions WHERE group_topic = ? AND chain_id = ? AND idx = ? "
+            "ORDER BY emoji, user",
+            (group_topic, *target),
+        ).fetchall()
+        found: dict[str, list[str]] = {}
+        for emoji, user in rows:
+            found.setdefault(emoji, []).append(user)
+        return found
+
+    def add_receipt(
+        self, group_topic: str, target: tuple[int, int], *, user: str, kind: int, at: int
+    ) -> None:
+        """Keep a delivered (0) or read (1) receipt."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?, ?)",
+                (group_topic, *target, user, kind, at),
+            )
+
+    def receipts(self, group_topic: str, target: tuple[int, int], kind: int) -> list[str]:
+        """Users who sent a receipt of `kind` for a message."""
+        rows = self.db.execute(
+            "SELECT user FROM receipts WHERE group_topic = ? AND chain_id = ? AND idx = ? "
+            "AND kind = ? ORDER BY user",
+            (group_topic, *target, kind),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def add_urgent(
+        self, group_topic: str, message_id: tuple[int, int], *, expected: list[str]
+    ) -> None:
+        """Remember who must acknowledge an urgent notice."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO urgent VALUES (?, ?, ?, ?)",
+                (group_topic, *message_id, "\n".join(sorted(expected))),
+            )
+
+    def add_ack(self, group_topic: str, target: tuple[int, int], *, user: str, at: int) -> bool:
+        """Keep an acknowledgement; True when it is the user's first for that notice."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO acks VALUES (?, ?, ?, ?, ?)",
+                (group_topic, *target, user, at),
+            )
+            return cursor.rowcount > 0
+
+    def unacknowledged(self, group_topic: str, target: tuple[int, int]) -> list[str] | None:
+        """Who has not acknowledged an urgent notice yet (None: not an urgent notice here)."""
+        row = self.db.execute(
+            "SELECT expected FROM urgent WHERE group_topic = ? AND chain_id = ? AND idx = ?",
+            (group_topic, *target),
+        ).fetchone()
+        if row is None:
+            return None
+        acked = {
+            r[0]
+            for r in self.db.execute(
+                "SELECT user FROM acks WHERE group_topic = ? AND chain_id = ? AND idx = ?",
+                (group_topic, *target),
+            ).fetchall()
+        }
+        return [user for user in str(row[0]).split("\n") if user and user not in acked]
 
     def has_message(self, group_topic: str, message_id: tuple[int, int]) -> bool:
         """Whether a message is stored."""

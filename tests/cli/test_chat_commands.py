@@ -111,3 +111,25 @@ def test_client_errors_are_one_line(server: Path) -> None:
     bad_since = meshchat(server, "history", "--as", "bob", "ops/general", "--since", "soon")
     assert bad_since.returncode == 2
     assert "--since" in bad_since.stderr
+
+
+def test_urgent_notice_ack_and_acks(server: Path) -> None:
+    for user in ("alice", "bob"):
+        done = meshchat(server, "login", user, "--password-stdin", stdin=f"{user} passphrase\n")
+        assert done.returncode == 0, done.stderr
+    sent = meshchat(server, "send", "--as", "bob", "ops/general", "--urgent", "gas leak in bay 2")
+    assert sent.returncode == 0, sent.stderr
+    mine = json.loads(meshchat(server, "history", "--as", "bob", "ops/general", "--json").stdout)
+    assert [(m["kind"], m["text"]) for m in mine] == [("urgent", "gas leak in bay 2")]
+    notice = mine[0]["id"]
+    before = meshchat(server, "acks", "--as", "bob", "ops/general", notice, "--json")
+    assert before.returncode == 0, before.stderr
+    # The admin who created the group is a member too.
+    assert json.loads(before.stdout)["unacknowledged"] == ["admin", "alice"]
+    acked = meshchat(server, "ack", "--as", "alice", "ops/general", notice)
+    assert acked.returncode == 0, acked.stderr
+    after = meshchat(server, "acks", "--as", "bob", "ops/general", notice, "--json")
+    assert json.loads(after.stdout)["unacknowledged"] == ["admin"]
+    bad = meshchat(server, "ack", "--as", "alice", "ops/general", "not-an-id")
+    assert bad.returncode == 2
+    assert "CHAIN:INDEX" in bad.stderr
