@@ -224,25 +224,28 @@ def send(
     else:
         inner = Inner(Kind.TEXT, now, (text,))
 
-    async def work() -> bool:
+    async def work() -> tuple[bool, str]:
         async with Client(profile, broker=broker) as client:
             await client.send_inner(group, inner)
             try:
                 async with asyncio.timeout(wait):
                     await client.flush()
             except TimeoutError:
-                return False
-            return True
+                reason = client.waiting_for.get(group)
+                if reason is None:
+                    reason = f"no acknowledgement from the broker within {wait:.0f} s"
+                return False, reason
+            return True, ""
 
-    delivered = _run(work)
+    delivered, reason = _run(work)
     if json_output:
-        emit_json({"group": group, "sent": delivered})
+        emit_json({"group": group, "sent": delivered} | ({"reason": reason} if reason else {}))
     elif delivered:
         console.print(f"Sent to {group}.")
     if not delivered:
         err_console.print(
-            f"[bold yellow]not sent yet:[/] no broker within {wait:.0f} s; the message is kept "
-            "in the outbox and goes out with the next `meshchat send`, `tail` or `chat`.",
+            f"[bold yellow]not sent yet:[/] {reason}; the message is kept in the outbox and "
+            "goes out with the next `meshchat send`, `tail` or `chat`.",
             soft_wrap=True,
         )
         raise typer.Exit(3)

@@ -39,6 +39,7 @@ from meshchat.e2ee import (
     Kind,
     Refused,
     ReplayAlarm,
+    Roster,
     Step,
     Undecryptable,
     Waiting,
@@ -242,6 +243,8 @@ class Client:
         self._background: list[asyncio.Task[None]] = []
         self._sent = asyncio.Event()
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._waiting: dict[str, str] = {}
+        self._roster_changed = asyncio.Event()
         self._replies: dict[bytes, asyncio.Future[object]] = {}
         self._groups: set[str] = set(self._saved_groups())
         self._records_changed = asyncio.Event()
@@ -426,6 +429,7 @@ class Client:
                 if payload:
                     self._apply(self.session.on_roster(parsed.group_topic.topic, payload))
                     self._outbox_changed.set()
+                    self._roster_changed.set()
             case KeyTopic(user=user):
                 if payload:
                     self._apply(self.session.on_key_record(user, payload))
@@ -616,11 +620,42 @@ class Client:
         return await self.send_inner(group, Inner(kind, int(self._clock()), (text,)))
 
     async def send_inner(self, group: str, inner: Inner) -> int:
-        """Queue any message kind; returns its outbox id at once."""
-        item = self.store.enqueue(self._topic(group), encode_inner(inner))
+        """Queue any message kind; returns its outbox id at once.
+
+        Raises:
+            NotFoundError: the user is not in that group.
+            PermissionDeniedError: the group's current roster says this user may not post
+                (an announcement channel, or no longer a member). A missing or expired roster
+                does not refuse: the message waits for a fresh one (see `waiting_for`).
+        """
+        topic = self._topic(group)
+        roster = self.session.rosters.current(topic)
+        why_not = self.session.may_send(topic, now=self._clock())
+        if roster is not None and why_not is not None and self._clock() < roster.expires_at:
+            raise PermissionDeniedError(
+                f"cannot send: {why_not}", actor=self.profile.user, permission="group.post"
+            )
+        item = self.store.enqueue(topic, encode_inner(inner))
         self._outbox_changed.set()
         self._emit(LinkChanged(self.state, self.queued))
         return item
+
+    async def wait_roster(
+        self, group: str, check: Callable[[Roster], bool] | None = None
+    ) -> Roster:
+        """Wait until the group's roster is here (and satisfies `check`); bound it by a timeout."""
+        topic = self._topic(group)
+        while True:
+            roster = self.session.rosters.current(topic)
+            if roster is not None and (check is None or check(roster)):
+                return roster
+            self._roster_changed.clear()
+            await self._roster_changed.wait()
+
+    @property
+    def waiting_for(self) -> dict[str, str]:
+        """Groups whose queued messages cannot be sealed yet, and why (no or expired roster)."""
+        return dict(self._waiting)
 
     async def reply(self, group: str, target: tuple[int, int], text: str) -> int:
         """Reply to a message."""
@@ -698,13 +733,16 @@ class Client:
             await self._outbox_changed.wait()
             self._outbox_changed.clear()
             blocked: set[str] = set()
+            self._waiting.clear()
             for item in self.store.outbox():
                 if item.id in self._inflight or item.group_topic in blocked:
                     continue
                 pairs = item.sealed
                 if pairs is None:
-                    if self.session.may_send(item.group_topic, now=self._clock()) is not None:
+                    why_not = self.session.may_send(item.group_topic, now=self._clock())
+                    if why_not is not None:
                         blocked.add(item.group_topic)  # keep this group's order: wait
+                        self._waiting[_group_path(item.group_topic)] = why_not
                         continue
                     await self._await_records(item.group_topic)
                     pairs = self._seal(item.id, item.group_topic, item.inner)

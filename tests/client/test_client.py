@@ -9,7 +9,7 @@ import pytest
 from meshchat.client.core import Client, GroupsChanged, Message
 from meshchat.client.login import LoginRefusedError, login
 from meshchat.e2ee import TrustError
-from meshchat.errors import AuthenticationError, NotFoundError
+from meshchat.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from tests.client.conftest import FAST, PASSWORDS, Site
 from tests.proxy import TcpProxy
 
@@ -137,3 +137,34 @@ async def test_bad_logins_and_groups_get_clear_errors(site: Site) -> None:
     async with Client(profile) as carol:
         with pytest.raises(NotFoundError, match="not in ops/line2"):
             await carol.send("ops/line2", "hello?")
+
+
+async def test_posting_in_an_announcement_channel_needs_the_role(site: Site) -> None:
+    site.directory.create_group("bob", "ops/news", announcement=True)
+    site.directory.add_members("bob", "ops/news", ["carol"])
+    carol_profile = await site.login("carol")
+    bob_profile = await site.login("bob")
+    async with Client(carol_profile) as carol, Client(bob_profile) as bob:
+        async with asyncio.timeout(10):
+            await carol.wait_roster("ops/news")
+        with pytest.raises(PermissionDeniedError, match="announcement channel: only bob"):
+            await carol.send("ops/news", "can I post here?")
+        assert carol.queued == 0  # refused at once, not queued forever
+        await bob.send("ops/news", "canteen closed today")
+        await next_message(carol, text="canteen closed today")
+
+
+async def test_a_removed_member_stops_receiving_readable_messages(site: Site) -> None:
+    site.directory.add_members("bob", "ops/line1", ["dave"])
+    profiles = [await site.login(user) for user in ("bob", "carol", "dave")]
+    async with Client(profiles[0]) as bob, Client(profiles[1]) as carol:
+        async with Client(profiles[2]) as dave:
+            await bob.send("ops/line1", "before")
+            await next_message(carol, text="before")
+            await next_message(dave, text="before")
+            site.directory.remove_members("bob", "ops/line1", ["carol"])
+            async with asyncio.timeout(10):
+                await bob.wait_roster("ops/line1", lambda r: "carol" not in r.members)
+            await bob.send("ops/line1", "after")
+            await next_message(dave, text="after")
+        assert [m.body for m in carol.store.history("mc/acme/ops/line1")] == ["before"]
