@@ -278,9 +278,13 @@ def mqtt_client(
 
 
 async def messages_until(
-    client: aiomqtt.Client, marker_topic: str, deadline: float = DEADLINE
+    client: aiomqtt.Client,
+    marker_topic: str,
+    deadline: float = DEADLINE,
+    *,
+    marker: bytes | None = None,
 ) -> list[aiomqtt.Message]:
-    """Every message `client` receives before the first one on `marker_topic`.
+    """Every message `client` receives before the first one on `marker_topic` (with `marker`).
 
     The broker delivers to one client in order, so a marker published after a scenario is a
     barrier: anything the broker was going to send the client by then arrives before it.
@@ -288,7 +292,9 @@ async def messages_until(
     received: list[aiomqtt.Message] = []
     async with asyncio.timeout(deadline):
         async for message in client.messages:
-            if message.topic.value == marker_topic:
+            if message.topic.value == marker_topic and (
+                marker is None or message.payload == marker
+            ):
                 return received
             received.append(message)
     msg = "the client disconnected before the marker arrived"
