@@ -1,0 +1,265 @@
+"""The chat app's picture of a group: entries built from the local store, and paging back.
+
+Nothing here draws or waits: the app asks for entries, the widgets render them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
+from typing import Final
+
+from rich.console import Group, RenderableType
+from rich.markdown import Markdown
+from rich.text import Text
+
+from meshchat.client.store import ClientStore, StoredMessage
+from meshchat.e2ee import Kind, decode_inner
+from meshchat.errors import MeshchatError
+
+__all__ = [
+    "SHOWN",
+    "Entry",
+    "Numbers",
+    "entry_of",
+    "older",
+    "render_entry",
+    "waiting_acks",
+]
+
+SHOWN: Final = frozenset(
+    {Kind.TEXT, Kind.REPLY, Kind.URGENT, Kind.FILE, Kind.WORKORDER, Kind.NOTICE}
+)
+"""Kinds that are a line of their own; the others change a line (edit, recall, react, ack)
+or are bookkeeping (receipts, file chunks)."""
+PAGE: Final = 500
+_SUMMARY: Final = 40
+_MARKUP: Final = re.compile(r"[*_`~]+|^#+ |^> ", re.MULTILINE)
+"""Markdown's emphasis and block marks, dropped from one-line summaries."""
+_COLOURS: Final = ("cyan", "green", "magenta", "yellow", "blue", "bright_cyan", "bright_green")
+
+
+@dataclass(slots=True)
+class Entry:
+    """One line of the message view: a message, an unreadable one, or a note from the app.
+
+    Attributes:
+        group: the group (``dept/name``).
+        message_id: the message's id; None for a message not sealed yet, and for notes.
+        number: the short number (``#N``) commands use to name it.
+        reply_to: for a reply, who wrote what it replies to, in short.
+        missing: for an urgent notice, who has not acknowledged it (None: unknown).
+        unreadable: why the message cannot be read (then nothing else is known).
+        note: a line from the app itself (``/who``, ``/join``), never sent.
+        outbox_id: for the user's own message, its outbox id while it waits to go out.
+    """
+
+    group: str
+    message_id: tuple[int, int] | None
+    sender: str = ""
+    ts: int = 0
+    kind: Kind = Kind.TEXT
+    body: str = ""
+    number: int | None = None
+    edited: bool = False
+    recalled: bool = False
+    reply_to: str = ""
+    reactions: dict[str, list[str]] = field(default_factory=dict)
+    missing: list[str] | None = None
+    unreadable: str = ""
+    note: str = ""
+    outbox_id: int | None = None
+
+    def waits_for(self, user: str) -> bool:
+        """Whether this is an urgent notice `user` still has to acknowledge."""
+        return (
+            self.kind is Kind.URGENT
+            and not self.recalled
+            and self.missing is not None
+            and user in self.missing
+        )
+
+
+class Numbers:
+    """Short numbers (``#N``) for messages, handed out as the app first shows them."""
+
+    def __init__(self) -> None:
+        """Start at #1."""
+        self._numbers: dict[tuple[str, tuple[int, int]], int] = {}
+        self._messages: list[tuple[str, tuple[int, int]]] = []
+
+    def number(self, group: str, message_id: tuple[int, int]) -> int:
+        """The message's number (a new one the first time)."""
+        key = (group, message_id)
+        found = self._numbers.get(key)
+        if found is None:
+            self._messages.append(key)
+            found = self._numbers[key] = len(self._messages)
+        return found
+
+    def find(self, number: int) -> tuple[str, tuple[int, int]] | None:
+        """(group, message id) of a number, if it was handed out."""
+        if 1 <= number <= len(self._messages):
+            return self._messages[number - 1]
+        return None
+
+
+def entry_of(
+    store: ClientStore, group: str, topic: str, stored: StoredMessage, numbers: Numbers
+) -> Entry:
+    """The entry of a stored message, with its edits, recall, reactions and acknowledgements."""
+    kind = Kind(stored.kind)
+    entry = Entry(
+        group,
+        stored.message_id,
+        stored.sender,
+        stored.ts,
+        kind,
+        stored.body,
+        numbers.number(group, stored.message_id),
+        edited=stored.edited_at is not None,
+        recalled=stored.recalled,
+        reactions=store.reactions(topic, stored.message_id),
+    )
+    fields = _fields(stored)
+    if kind is Kind.REPLY and len(fields) > 1 and isinstance(fields[1], tuple):
+        target = (int(fields[1][0]), int(fields[1][1]))
+        original = store.message(topic, target)
+        if original is None:
+            entry.reply_to = "a message not on this device"
+        else:
+            number = numbers.number(group, target)
+            text = "(recalled)" if original.recalled else _summary(original.body)
+            entry.reply_to = f"#{number} {original.sender}: {text}"
+    elif kind is Kind.FILE and len(fields) > 1:
+        entry.body = f"file **{stored.body}** ({fields[1]} bytes)"
+    elif kind is Kind.WORKORDER and len(fields) > 1:
+        entry.body = f"work order **{stored.body}**: {fields[1]}"
+    if kind is Kind.URGENT:
+        entry.missing = store.unacknowledged(topic, stored.message_id)
+    return entry
+
+
+def _fields(stored: StoredMessage) -> tuple[object, ...]:
+    try:
+        return decode_inner(stored.fields).fields
+    except (MeshchatError, ValueError):
+        return ()
+
+
+def _summary(text: str) -> str:
+    line = " ".join(_MARKUP.sub("", text).split())
+    return line if len(line) <= _SUMMARY else line[: _SUMMARY - 1] + "…"
+
+
+def older(
+    store: ClientStore,
+    topic: str,
+    *,
+    until_ts: int | None,
+    seen: set[tuple[int, int]],
+    want: int,
+) -> tuple[list[StoredMessage], bool]:
+    """Up to `want` shown messages not in `seen`, sent at or before `until_ts`, oldest first.
+
+    Receipts, reactions and acks share the store with the messages (often outnumbering them),
+    so the store is read back in pages until enough messages are found.
+
+    Returns:
+        The messages, and whether older ones may remain.
+    """
+    known = set(seen)
+    found: list[StoredMessage] = []
+    until = None if until_ts is None else until_ts + 1
+    while len(found) < want:
+        batch = store.history(topic, until=until, limit=PAGE)
+        new = [m for m in batch if m.message_id not in known]
+        known.update(m.message_id for m in batch)
+        found = [m for m in new if m.kind in SHOWN] + found
+        if len(batch) < PAGE:
+            return found[-want:], len(found) > want
+        # One second may hold more than a page: step past it rather than loop on it.
+        until = batch[0].ts + 1 if new else batch[0].ts
+    return found[-want:], True
+
+
+def waiting_acks(store: ClientStore, topic: str, user: str) -> list[tuple[int, int]]:
+    """Urgent notices in a group that `user` has not acknowledged yet, oldest first."""
+    waiting = []
+    for stored in store.history(topic, limit=PAGE):
+        if stored.kind == Kind.URGENT and not stored.recalled and stored.sender != user:
+            missing = store.unacknowledged(topic, stored.message_id)
+            if missing is not None and user in missing:
+                waiting.append(stored.message_id)
+    return waiting
+
+
+def colour_of(user: str) -> str:
+    """A stable colour for a user's name."""
+    digest = hashlib.blake2b(user.encode("utf-8"), digest_size=1).digest()
+    return _COLOURS[digest[0] % len(_COLOURS)]
+
+
+def when(ts: float, *, now: float, tz: tzinfo | None) -> str:
+    """A message's time: the hour today, else the date too."""
+    at = datetime.fromtimestamp(ts, tz).astimezone(tz)
+    today = datetime.fromtimestamp(now, tz).astimezone(tz).date()
+    return at.strftime("%H:%M") if at.date() == today else at.strftime("%d %b %H:%M")
+
+
+def render_entry(entry: Entry, *, me: str, now: float, tz: tzinfo | None) -> RenderableType:
+    """What the message view shows for an entry."""
+    if entry.note:
+        return Text(entry.note, style="italic")
+    head = _head(entry, now=now, tz=tz)
+    if entry.unreadable:
+        return head
+    parts: list[RenderableType] = [head]
+    if entry.reply_to:
+        parts.append(Text(f"↪ {entry.reply_to}", style="dim italic"))
+    if entry.recalled:
+        parts.append(Text("message recalled", style="dim italic"))
+    else:
+        parts.append(Markdown(entry.body or " "))
+    if entry.reactions:
+        line = "  ".join(f"{emoji} {', '.join(users)}" for emoji, users in entry.reactions.items())
+        parts.append(Text(line, style="dim"))
+    if entry.kind is Kind.URGENT and not entry.recalled:
+        parts.append(_urgent_line(entry, me))
+    return Group(*parts)
+
+
+def _head(entry: Entry, *, now: float, tz: tzinfo | None) -> Text:
+    """Number, time and sender; or, for a message that cannot be read, why."""
+    head = Text()
+    if entry.number is not None:
+        head.append(f"#{entry.number} ", style="dim")
+    if entry.ts:
+        head.append(when(entry.ts, now=now, tz=tz) + " ", style="dim")
+    if entry.unreadable:
+        head.append("cannot be read: ", style="bold")
+        head.append(entry.unreadable, style="italic")
+        return head
+    head.append(entry.sender, style=f"bold {colour_of(entry.sender)}")
+    if entry.kind is Kind.URGENT:
+        head.append(" URGENT", style="bold red")
+    if entry.edited and not entry.recalled:
+        head.append(" (edited)", style="dim")
+    if entry.outbox_id is not None:
+        head.append(" queued", style="yellow")
+    return head
+
+
+def _urgent_line(entry: Entry, me: str) -> Text:
+    missing = entry.missing
+    if entry.sender == me:
+        if missing is None:
+            return Text("waiting for the group's roster", style="dim")
+        if not missing:
+            return Text("✓ acknowledged by everyone", style="green")
+        return Text(f"not acknowledged: {', '.join(missing)}", style="bold yellow")
+    if entry.waits_for(me):
+        return Text(f"please acknowledge: ctrl+o, or /ack #{entry.number}", style="bold red")
+    return Text("✓ you acknowledged", style="green")

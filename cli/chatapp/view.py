@@ -1,0 +1,421 @@
+"""`ChatView`: what the chat app shows of one user's groups, kept current from a `Client`.
+
+It never talks to the network itself: it reads the client's events and shows what the local
+store holds. `ChatApp` (in `cli.chatapp.app`) adds what the user does: the composer's commands
+and the keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import tzinfo
+from pathlib import Path
+from typing import Final
+
+from rich.text import Text
+from textual.app import App, ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, Header, Input, Static
+
+from cli.chatapp.model import SHOWN, Entry, Numbers, entry_of, older, waiting_acks
+from cli.chatapp.widgets import (
+    Composer,
+    GroupItem,
+    GroupList,
+    LinkBanner,
+    LinkStatus,
+    MessageItem,
+    MessageView,
+)
+from meshchat.client import (
+    AckStatus,
+    Alarm,
+    Client,
+    ClientEvent,
+    GroupsChanged,
+    LinkChanged,
+    Mention,
+    Message,
+    TransportState,
+    Unreadable,
+)
+from meshchat.e2ee import Kind
+from meshchat.topics import GroupTopic
+
+__all__ = ["MAX_SHOWN", "PAGE", "START", "ChatView"]
+
+logger = logging.getLogger(__name__)
+
+PAGE: Final = 50
+"""Messages shown when a group opens, and loaded each time the user scrolls past the top."""
+START: Final = "— the start of this group's history on this device —"
+MAX_SHOWN: Final = 500
+"""Lines the message view keeps while following new messages; older ones are dropped."""
+
+
+class ChatView(App[None]):
+    """The screen of the chat app: groups, messages, the link; following a client's events."""
+
+    CSS_PATH = Path(__file__).with_name("chat.tcss")  # absolute: subclasses live elsewhere
+    TITLE = "meshchat"
+    ENABLE_COMMAND_PALETTE = False
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        clock: Callable[[], float] = time.time,
+        tz: tzinfo | None = None,
+        page: int = PAGE,
+    ) -> None:
+        """Show the messages of `client`'s user.
+
+        Args:
+            client: an entered client (or one entered before the app mounts).
+            clock: the time source (for "today" and the time of queued messages).
+            tz: the time zone of the times shown (default: the local one).
+            page: messages shown when a group opens, and loaded per step back.
+        """
+        super().__init__()
+        self.client = client
+        self.me = client.profile.user
+        self.current: str | None = None
+        self.numbers = Numbers()
+        self.link: tuple[TransportState, int, str] = (client.state, client.queued, "")
+        self._clock = clock
+        self._tz = tz
+        self._page = page
+        self._shown: dict[tuple[int, int], MessageItem] = {}
+        self._oldest: int | None = None
+        self._more = True
+        self._waiting: dict[str, set[tuple[int, int]]] = {}
+        self.sub_title = f"{self.me} on {client.profile.device} · {client.profile.org}"
+
+    # ------------------------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        """Header, offline banner, groups and link on the left, messages and composer."""
+        yield Header(icon="✉")
+        yield LinkBanner(id="banner")
+        with Horizontal(id="body"):
+            with Vertical(id="sidebar"):
+                yield Static("Groups", classes="heading")
+                yield GroupList(id="groups", initial_index=None)
+                yield LinkStatus(id="link")
+            with Vertical(id="main"):
+                yield Static(id="title")
+                yield MessageView(id="messages", initial_index=None)
+                yield Composer(id="composer", placeholder="Write a message; /help for commands")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        """Show the groups and the link, open the first group, follow the client."""
+        self.link = (self.client.state, self.client.queued, "")
+        await self._set_groups(self.client.groups)
+        self._draw_link()
+        self.query_one("#composer", Input).focus()
+        self.run_worker(self._follow(), name="meshchat[chat].events", group="client")
+
+    @property
+    def view(self) -> MessageView:
+        """The message view."""
+        return self.query_one("#messages", MessageView)
+
+    @property
+    def group_list(self) -> GroupList:
+        """The group list."""
+        return self.query_one("#groups", GroupList)
+
+    @property
+    def composer(self) -> Input:
+        """The composer."""
+        return self.query_one("#composer", Input)
+
+    def _topic(self, group: str) -> str:
+        dept, name = group.split("/", 1)
+        return GroupTopic(self.client.org, dept, name).topic
+
+    def _now(self) -> float:
+        return self._clock()
+
+    # ------------------------------------------------------------------------------ groups
+
+    async def _set_groups(self, groups: list[str]) -> None:
+        listed = self.group_list
+        for item in list(listed.children):
+            if isinstance(item, GroupItem) and item.group not in groups:
+                await item.remove()
+        for position, group in enumerate(sorted(groups)):
+            if listed.item(group) is None:
+                item = GroupItem(group)
+                topic = self._topic(group)
+                self._waiting[group] = set(waiting_acks(self.client.store, topic, self.me))
+                item.urgent = len(self._waiting[group])
+                await listed.insert(position, [item])
+        if self.current not in groups:
+            if groups:
+                await self.open_group(min(groups))
+            else:
+                self.current = None
+                await self.view.clear()
+                self._title()
+                await self._note(
+                    f"{self.me} is in no group yet. An admin or a department manager adds you "
+                    f"with `meshchat group add DEPT/GROUP {self.me}`; the group shows up here "
+                    "by itself."
+                )
+        self._draw_link()
+
+    async def open_group(self, group: str) -> None:
+        """Show a group's latest messages and clear its unread count."""
+        self.current = group
+        listed = self.group_list
+        item = listed.item(group)
+        if item is not None:
+            item.unread = item.mentions = 0
+            item.show()
+            listed.index = listed.groups.index(group)
+        self._title()
+        self._shown.clear()
+        self._oldest, self._more = None, True
+        view = self.view
+        await view.clear()
+        await self._load_older()
+        notices = [
+            Entry(group, message_id, unreadable=reason)
+            for message_id, reason, _ in self.client.store.notices(self._topic(group))
+            if not self.client.store.has_message(self._topic(group), message_id)
+        ]
+        await self._append(notices)
+        view.anchor()
+
+    def _title(self) -> None:
+        title = self.query_one("#title", Static)
+        if self.current is None:
+            title.update(Text("no group"))
+            return
+        roster = self.client.session.rosters.current(self._topic(self.current))
+        text = self.current
+        if roster is not None:
+            text += f" · {len(roster.members)} members"
+            if roster.announcement:
+                text += " · announcements"
+        title.update(Text(text))
+
+    # ----------------------------------------------------------------------------- history
+
+    async def _load_older(self) -> int:
+        """Show older messages above the oldest one shown; returns how many there were."""
+        group = self.current
+        if group is None or not self._more:
+            return 0
+        topic = self._topic(group)
+        store = self.client.store
+        found, self._more = older(
+            store, topic, until_ts=self._oldest, seen=set(self._shown), want=self._page
+        )
+        items = [self._item(entry_of(store, group, topic, m, self.numbers)) for m in found]
+        if not self._more:
+            items.insert(0, self._item(Entry(group, None, note=START)))
+        if found:
+            self._oldest = found[0].ts
+        view = self.view
+        if items:
+            keep = view.index
+            await view.insert(0, items)
+            if keep is not None:
+                view.index = keep + len(items)
+        return len(found)
+
+    def _item(self, entry: Entry) -> MessageItem:
+        item = MessageItem(entry, me=self.me, now=self._now(), tz=self._tz)
+        if entry.message_id is not None:
+            self._shown[entry.message_id] = item
+        return item
+
+    async def _append(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        view = self.view
+        following = view.scroll_y >= view.max_scroll_y  # the user reads the newest lines
+        await view.extend([self._item(entry) for entry in entries])
+        excess = len(view.children) - MAX_SHOWN
+        if excess > 0 and following:
+            await self._forget_oldest(excess + self._page)
+
+    async def _forget_oldest(self, count: int) -> None:
+        """Drop the oldest lines of a long session (page up brings them back)."""
+        view = self.view
+        dropped = list(view.children)[:count]
+        for child in dropped:
+            if isinstance(child, MessageItem) and child.entry.message_id is not None:
+                self._shown.pop(child.entry.message_id, None)
+        await view.remove_children(dropped)
+        first = next((i.entry for i in view.items() if i.entry.ts), None)
+        self._oldest, self._more = (first.ts if first else None), True
+
+    async def _note(self, text: str) -> None:
+        """A line from the app in the message view (not sent to anyone)."""
+        await self._append([Entry(self.current or "", None, note=text)])
+        self.view.scroll_end(animate=False)
+
+    # ------------------------------------------------------------------------------ events
+
+    async def _follow(self) -> None:
+        async for event in self.client.events():
+            try:
+                await self.on_client_event(event)
+            except Exception:  # one bad event must not end the chat
+                logger.exception("could not show %s", type(event).__name__)
+
+    async def on_client_event(self, event: ClientEvent) -> None:  # noqa: C901  # one per kind
+        """Reflect one event of the client on screen."""
+        match event:
+            case LinkChanged():
+                self.link = (event.state, event.queued, event.reason)
+                self._draw_link()
+                self._mark_delivered()
+            case GroupsChanged():
+                await self._set_groups(list(event.groups))
+            case Message(group=""):
+                self.notify(event.text, title=f"direct message from {event.sender}", markup=False)
+            case Message():
+                await self._client_message(event)
+            case Unreadable() if event.group == self.current:
+                item = self._shown.get(event.message_id)
+                entry = Entry(event.group, event.message_id, unreadable=event.reason)
+                if item is None:
+                    await self._append([entry])
+                else:
+                    item.show(entry)
+            case Mention():
+                self.notify(
+                    event.text,
+                    title=f"@{event.sender} mentioned you in {event.group}",
+                    markup=False,
+                )
+                group = self.group_list.item(event.group)
+                if group is not None and event.group != self.current:
+                    group.mentions += 1
+                    group.show()
+            case AckStatus():
+                self._refresh(event.group, event.message_id)
+            case Alarm():
+                self.notify(
+                    f"{event.what}: {event.reason}", title="alarm", severity="error", markup=False
+                )
+
+    async def _client_message(self, event: Message) -> None:
+        group = event.group
+        if event.kind in SHOWN:
+            if event.kind is Kind.URGENT and event.sender != self.me:
+                self._waiting.setdefault(group, set()).add(event.message_id)
+                self._count_urgent(group)
+            if group == self.current and not self._behind(event):
+                await self._show_message(event)
+            elif event.sender != self.me and not event.history:
+                item = self.group_list.item(group)
+                if item is not None:
+                    item.unread += 1
+                    item.show()
+            return
+        target = _target_of(event)
+        if target is None:
+            return
+        if event.kind is Kind.ACK and event.sender == self.me:
+            self._waiting.get(group, set()).discard(target)
+            self._count_urgent(group)
+        if event.kind is Kind.RECALL:
+            self._waiting.get(group, set()).discard(target)
+            self._count_urgent(group)
+        self._refresh(group, target)
+
+    def _behind(self, event: Message) -> bool:
+        """Whether a message re-read from the archive belongs above what is shown.
+
+        Such a message is not added at the bottom: paging back (or reopening the group)
+        shows it in its place.
+        """
+        if not event.history or event.message_id in self._shown:
+            return False
+        newest = max((item.entry.ts for item in self.view.items()), default=0)
+        if event.ts >= newest:
+            return False
+        if self._oldest is None or event.ts <= self._oldest:
+            self._more = True
+        return True
+
+    async def _show_message(self, event: Message) -> None:
+        topic = self._topic(event.group)
+        stored = self.client.store.message(topic, event.message_id)
+        if stored is None:
+            return
+        entry = entry_of(self.client.store, event.group, topic, stored, self.numbers)
+        item = self._shown.get(event.message_id)
+        if item is None and event.sender == self.me:
+            item = self._pending(event.kind, stored.body)
+            if item is not None:
+                entry.outbox_id = item.entry.outbox_id
+                self._shown[event.message_id] = item
+        if item is None:
+            await self._append([entry])
+        else:
+            item.show(entry)
+        self._mark_delivered()
+
+    def _pending(self, kind: Kind, body: str) -> MessageItem | None:
+        """The oldest line of a message of ours not sealed yet, with this kind and text."""
+        for item in self.view.items():
+            entry = item.entry
+            unsealed = entry.message_id is None and entry.outbox_id is not None
+            if unsealed and entry.kind is kind and entry.body == body:
+                return item
+        return None
+
+    def _refresh(self, group: str, message_id: tuple[int, int]) -> None:
+        """Redraw a message shown here after an edit, recall, reaction or acknowledgement."""
+        item = self._shown.get(message_id)
+        if group != self.current or item is None:
+            return
+        topic = self._topic(group)
+        stored = self.client.store.message(topic, message_id)
+        if stored is not None:
+            entry = entry_of(self.client.store, group, topic, stored, self.numbers)
+            entry.outbox_id = item.entry.outbox_id
+            item.show(entry)
+
+    def _mark_delivered(self) -> None:
+        """Drop the "queued" mark of our messages the broker has acknowledged."""
+        queued = {item.id for item in self.client.store.outbox()}
+        for item in self.view.items():
+            outbox_id = item.entry.outbox_id
+            if outbox_id is not None and outbox_id not in queued:
+                item.entry.outbox_id = None
+                item.show()
+
+    def _count_urgent(self, group: str) -> None:
+        item = self.group_list.item(group)
+        if item is not None:
+            item.urgent = len(self._waiting.get(group, ()))
+            item.show()
+        self._draw_link()
+
+    def _draw_link(self) -> None:
+        state, queued, reason = self.link
+        urgent = sum(len(ids) for ids in self._waiting.values())
+        waiting = "; ".join(f"{g}: {why}" for g, why in self.client.waiting_for.items())
+        self.query_one("#link", LinkStatus).show(state, queued, urgent, waiting)
+        self.query_one("#banner", LinkBanner).show(state, queued, reason)
+
+
+def _target_of(event: Message) -> tuple[int, int] | None:
+    """The message an edit, recall, reaction or acknowledgement is about."""
+    index = {Kind.EDIT: 1, Kind.REACT: 1, Kind.RECALL: 0, Kind.ACK: 0}.get(event.kind)
+    if index is None or len(event.fields) <= index:
+        return None
+    ref = event.fields[index]
+    if not isinstance(ref, tuple) or len(ref) != 2:
+        return None
+    return (int(ref[0]), int(ref[1]))
