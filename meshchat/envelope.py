@@ -28,6 +28,10 @@ Envelope types and their fields:
   is the same for every recipient of one rekey and signed once, and ``key`` is the chain key
   encrypted to this recipient (48 bytes). One signature per rekey keeps a 1,000-device rekey
   within its CPU budget.
+- ``TELEMETRY`` (4), a device's status report or GPS fix in the compact telemetry profile:
+  ``[key_id:u32, counter:u32, box]`` where ``box`` is ``ciphertext || tag(16)``. No signature:
+  the per-device telemetry key authenticates it (`meshchat.e2ee.telemetry` says what that does
+  and does not prove). The topic names device and kind and is bound into the AAD.
 
 Decoding trusts nothing: the whole input is bounded, msgpack is unpacked with strict limits,
 every field is type- and range-checked, only the canonical (shortest) msgpack encoding is
@@ -52,6 +56,7 @@ __all__ = [
     "MAX_ENVELOPE_LEN",
     "MAX_SEALED_LEN",
     "MAX_STATEMENT_LEN",
+    "MAX_TELEMETRY_BOX",
     "MIN_BODY_LEN",
     "SIG_LEN",
     "TAG_LEN",
@@ -63,6 +68,7 @@ __all__ = [
     "GroupMessage",
     "Sealed",
     "Signed",
+    "Telemetry",
     "decode",
     "encode",
 ]
@@ -84,6 +90,8 @@ DIST_KEY_LEN: Final = 48
 MAX_CHAIN_ID: Final = 2**32 - 1
 MAX_INDEX: Final = 2**32 - 1
 """Chains rotate every 1000 messages; a 32-bit index leaves a wide margin and bounds the field."""
+MAX_TELEMETRY_BOX: Final = 4096
+"""A status report or fix is tens of bytes; anything near this is not telemetry."""
 
 _VERSION_MASK: Final = 0b0000_0111
 _CODEC_SHIFT: Final = 3
@@ -98,6 +106,7 @@ class EnvelopeType(enum.IntEnum):
     SEALED = 1
     SIGNED = 2
     DIST = 3
+    TELEMETRY = 4
 
 
 class Codec(enum.IntEnum):
@@ -187,7 +196,33 @@ class Distribution:
         _check_bytes(self.sig, "sig", SIG_LEN, SIG_LEN)
 
 
-Envelope: TypeAlias = GroupMessage | Sealed | Signed | Distribution
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """A status report or GPS fix, encrypted under the sending device's telemetry key.
+
+    Attributes:
+        key_id: which of the device's telemetry keys sealed it.
+        counter: the key's message counter; it is the nonce, so it never repeats under one key.
+        box: ciphertext and its 16-byte tag.
+    """
+
+    key_id: int
+    counter: int
+    box: bytes
+
+    def __post_init__(self) -> None:
+        """Check ranges and lengths."""
+        _check_uint(self.key_id, MAX_CHAIN_ID, "key_id")
+        _check_uint(self.counter, MAX_INDEX, "counter")
+        _check_bytes(self.box, "box", TAG_LEN + 1, MAX_TELEMETRY_BOX)
+
+    @staticmethod
+    def header() -> bytes:
+        """The header byte of a telemetry envelope (bound into the AAD)."""
+        return _header(EnvelopeType.TELEMETRY)
+
+
+Envelope: TypeAlias = GroupMessage | Sealed | Signed | Distribution | Telemetry
 
 
 def _check_uint(value: object, maximum: int, what: str) -> None:
@@ -246,6 +281,10 @@ def encode(envelope: Envelope) -> bytes:
             data = _header(EnvelopeType.DIST) + _pack(
                 [envelope.sender, envelope.statement, envelope.key, envelope.sig]
             )
+        case Telemetry():
+            data = _header(EnvelopeType.TELEMETRY) + _pack(
+                [envelope.key_id, envelope.counter, envelope.box]
+            )
     return data
 
 
@@ -254,6 +293,7 @@ _FIELD_COUNT: Final = {
     EnvelopeType.SEALED: 3,
     EnvelopeType.SIGNED: 3,
     EnvelopeType.DIST: 4,
+    EnvelopeType.TELEMETRY: 3,
 }
 
 
@@ -330,6 +370,8 @@ def decode(data: bytes | bytearray | memoryview) -> Envelope:
             envelope = Signed(*fields)  # type: ignore[arg-type]
         case EnvelopeType.DIST:
             envelope = Distribution(*fields)  # type: ignore[arg-type]
+        case EnvelopeType.TELEMETRY:
+            envelope = Telemetry(*fields)  # type: ignore[arg-type]
     # msgpack admits several encodings of one value (an int as fixint or uint32, ...). Accepting
     # only the canonical one makes every envelope's bytes a function of its fields, so a relay
     # cannot re-encode a message into a "different" envelope for the same (chain, index).

@@ -15,6 +15,7 @@ from meshchat.envelope import (
     MAX_BODY_LEN,
     MAX_ENVELOPE_LEN,
     MAX_SEALED_LEN,
+    MAX_TELEMETRY_BOX,
     SIG_LEN,
     Distribution,
     Envelope,
@@ -22,6 +23,7 @@ from meshchat.envelope import (
     GroupMessage,
     Sealed,
     Signed,
+    Telemetry,
     decode,
     encode,
 )
@@ -29,11 +31,12 @@ from meshchat.errors import EnvelopeError, MeshchatError
 from meshchat.topics import GroupTopic
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "envelopes.json").read_text("utf-8"))
-CLASSES: dict[str, type[GroupMessage | Sealed | Signed | Distribution]] = {
+CLASSES: dict[str, type[GroupMessage | Sealed | Signed | Distribution | Telemetry]] = {
     "GroupMessage": GroupMessage,
     "Sealed": Sealed,
     "Signed": Signed,
     "Distribution": Distribution,
+    "Telemetry": Telemetry,
 }
 
 
@@ -41,7 +44,7 @@ def from_vector(vector: dict[str, Any]) -> Envelope:
     cls = CLASSES[vector["type"]]
     fields: dict[str, Any] = {
         name: bytes.fromhex(vector[name])
-        if name in {"body", "sig", "sealed", "payload", "statement", "key"}
+        if name in {"body", "sig", "sealed", "payload", "statement", "key", "box"}
         else vector[name]
         for name in cls.__dataclass_fields__
     }
@@ -80,6 +83,18 @@ def test_group_message_byte_layout() -> None:
 def test_header_types_for_sealed_and_signed() -> None:
     assert encode(Sealed("laptop-1", b"x", bytes(64)))[0] == (1 << 5) | 1
     assert encode(Signed("dir", b"x", bytes(64)))[0] == (2 << 5) | 1
+
+
+def test_telemetry_byte_layout_and_the_gps_fix_budget() -> None:
+    # A full GPS fix is a 24-28 byte plaintext; with a 16-byte tag and the largest counter the
+    # envelope stays far below the 100-byte payload budget of the device issue.
+    wire = encode(Telemetry(0xFFFF_FFFF, 0xFFFF_FFFF, bytes(28 + 16)))
+    assert wire[0] == (4 << 5) | 1
+    assert wire[1] == 0x93
+    assert wire[2:7] == b"\xce\xff\xff\xff\xff"
+    assert wire[7:12] == b"\xce\xff\xff\xff\xff"
+    assert wire[12:14] == bytes([0xC4, 44])
+    assert len(wire) == 58
 
 
 @pytest.mark.parametrize("index", [0, 127])
@@ -125,6 +140,13 @@ def test_twenty_byte_text_fits_the_byte_budget(index: int) -> None:
         (b"\x21\x93\xa2Op\xa1x\xc4\x40" + bytes(64), "upper-case"),
         (b"\x21\x93\xa2\xff\xfe\xa1x\xc4\x40" + bytes(64), "not valid msgpack"),
         (bytes([0x01]) + bytes(MAX_ENVELOPE_LEN), "the limit is"),
+        (b"\x81\x92\x01\x02", "2 fields"),
+        (b"\x81\x93\x01\x02\xc4\x10" + bytes(16), "box is 16 bytes"),
+        (b"\x81\x93\xc2\x02\xc4\x11" + bytes(17), "key_id must be an integer"),
+        (b"\x81\x93\x01\xcf" + bytes([1] + [0] * 7) + b"\xc4\x11" + bytes(17), "counter"),
+        (b"\x81\x93\x01\x02\xa3abc", "box must be bytes"),
+        (b"\x81\x93\xcc\x01\x02\xc4\x11" + bytes(17), "canonical"),
+        (b"\x81\x93\x01\x02\xc5\x10\x01" + bytes(4097), "box is 4097 bytes"),
     ],
 )
 def test_malformed_input_is_one_clear_envelope_error(data: bytes, words: str) -> None:
@@ -146,6 +168,8 @@ def test_invalid_envelopes_cannot_be_built() -> None:
         Sealed("_d", b"x", bytes(64))
     with pytest.raises(EnvelopeError, match="payload"):
         Signed("dir", b"", bytes(64))
+    with pytest.raises(EnvelopeError, match="box is"):
+        Telemetry(1, 0, bytes(MAX_TELEMETRY_BOX + 1))
 
 
 def test_largest_envelopes_fit_the_wire_limit_and_larger_cannot_be_built() -> None:
@@ -185,6 +209,12 @@ ENVELOPES: st.SearchStrategy[Envelope] = st.one_of(
         st.binary(min_size=1, max_size=512),
         st.binary(min_size=48, max_size=48),
         st.binary(min_size=64, max_size=64),
+    ),
+    st.builds(
+        Telemetry,
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+        st.binary(min_size=17, max_size=300),
     ),
 )
 

@@ -15,6 +15,15 @@ from meshchat.e2ee.compliance import ComplianceReader
 from meshchat.e2ee.distribution import ReceivedShare, open_distribution, seal_distribution
 from meshchat.e2ee.keys import DOMAINS, BoxKeyPair, SigningKeyPair, sign, verify
 from meshchat.e2ee.keystore import KeyStore, WrongPassphraseError
+from meshchat.e2ee.notice import (
+    MAX_NOTICE_TEXT,
+    NOTICE_DOMAIN,
+    Notice,
+    NoticeError,
+    NoticeKind,
+    sign_notice,
+    verify_notice,
+)
 from meshchat.e2ee.pairwise import (
     PairKind,
     Pairwise,
@@ -56,6 +65,17 @@ from meshchat.e2ee.session import (
     Undecryptable,
     Waiting,
 )
+from meshchat.e2ee.telemetry import (
+    MAX_PARKED,
+    MAX_TELEMETRY_KEY_AGE,
+    MAX_TELEMETRY_MESSAGES,
+    OpenedTelemetry,
+    TelemetryKey,
+    TelemetryKeyring,
+    TelemetrySealer,
+    open_telemetry,
+    telemetry_topic,
+)
 from meshchat.e2ee.trust import (
     DIRECTORY_SIGNER,
     ComplianceCert,
@@ -74,8 +94,13 @@ __all__ = [
     "MAX_CHAIN_AGE",
     "MAX_CHAIN_MESSAGES",
     "MAX_FORWARD_JUMP",
+    "MAX_NOTICE_TEXT",
+    "MAX_PARKED",
     "MAX_PENDING",
     "MAX_SKIPPED_KEYS",
+    "MAX_TELEMETRY_KEY_AGE",
+    "MAX_TELEMETRY_MESSAGES",
+    "NOTICE_DOMAIN",
     "BoxKeyPair",
     "ChainShare",
     "ComplianceCert",
@@ -94,6 +119,10 @@ __all__ = [
     "KeyRecordError",
     "KeyStore",
     "Kind",
+    "Notice",
+    "NoticeError",
+    "NoticeKind",
+    "OpenedTelemetry",
     "OrgTrust",
     "OutboundChain",
     "Outgoing",
@@ -108,6 +137,9 @@ __all__ = [
     "SignerCert",
     "SigningKeyPair",
     "Step",
+    "TelemetryKey",
+    "TelemetryKeyring",
+    "TelemetrySealer",
     "TrustError",
     "Undecryptable",
     "Waiting",
@@ -123,11 +155,15 @@ __all__ = [
     "make_trust",
     "open_distribution",
     "open_pairwise",
+    "open_telemetry",
     "seal_distribution",
     "seal_pairwise",
     "sign",
     "sign_key_record",
+    "sign_notice",
     "sign_roster",
+    "telemetry_topic",
     "verify",
+    "verify_notice",
     "verify_signer",
 ]

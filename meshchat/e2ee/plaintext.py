@@ -47,6 +47,8 @@ class Kind(enum.IntEnum):
     ACK = 9
     WORKORDER = 10
     NOTICE = 11
+    TELEMETRY_KEY = 12
+    ORDER_STATE = 13
 
 
 class InnerCodec(enum.IntEnum):
@@ -71,6 +73,8 @@ FIELDS: Final[dict[Kind, tuple[str, ...]]] = {
     Kind.ACK: (_REF,),
     Kind.WORKORDER: (_STR, _STR),  # order id, text
     Kind.NOTICE: (_STR,),  # system notices (site joined, key rotated, ...)
+    Kind.TELEMETRY_KEY: (_INT, _BYTES, _BYTES),  # key id, gps key, status key; b"", b"": ask
+    Kind.ORDER_STATE: (_STR, _STR, _STR),  # order id, accepted|done|rejected, reason
 }
 _MAX_REFS: Final = 1000
 _U32: Final = 2**32 - 1

@@ -30,6 +30,8 @@ EXAMPLES = [
     Inner(Kind.ACK, TS, (REF,)),
     Inner(Kind.WORKORDER, TS, ("wo-17", "replace the pump")),
     Inner(Kind.NOTICE, TS, ("alice joined sites/plant-3",)),
+    Inner(Kind.TELEMETRY_KEY, TS, (7, bytes(32), bytes(32))),
+    Inner(Kind.ORDER_STATE, TS, ("wo-17", "rejected", "road closed")),
 ]
 
 
