@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Final, TypeVar
 
 import typer
+from rich.markup import escape
 
 from cli.common import (
     DEFAULT_DATA,
@@ -39,6 +40,7 @@ from meshchat.client import (
     LinkChanged,
     Mention,
     Message,
+    SiteNotice,
     Unreadable,
     default_device_name,
     login,
@@ -290,6 +292,8 @@ def _event_json(event: ClientEvent) -> dict[str, object]:  # noqa: PLR0911  # on
                 "id": f"{event.message_id[0]}:{event.message_id[1]}",
                 "unacknowledged": list(event.missing),
             }
+        case SiteNotice():
+            return {"event": "notice", "group": event.group, "kind": event.kind, "text": event.text}
     return {"event": "link", "state": event.state.value, "queued": event.queued}
 
 
@@ -301,26 +305,34 @@ def _print_event(event: ClientEvent) -> None:
     match event:
         case Message(kind=Kind.URGENT):
             console.print(
-                f"[dim]{_clock(event.ts)}[/] [bold red]URGENT[/] [bold]{event.sender}[/]: "
-                f"{event.text}",
+                f"[dim]{_clock(event.ts)}[/] [bold red]URGENT[/] [bold]{escape(event.sender)}[/]: "
+                f"{escape(event.text)}",
                 soft_wrap=True,
             )
         case Message():
             console.print(
-                f"[dim]{_clock(event.ts)}[/] [bold]{event.sender}[/]: {event.text}",
+                f"[dim]{_clock(event.ts)}[/] [bold]{escape(event.sender)}[/]: {escape(event.text)}",
                 soft_wrap=True,
                 markup=True,
             )
         case Unreadable():
-            console.print(f"[dim]message {event.message_id}: {event.reason}[/]", soft_wrap=True)
+            console.print(
+                f"[dim]message {event.message_id}: {escape(event.reason)}[/]", soft_wrap=True
+            )
         case Alarm():
-            err_console.print(f"[bold red]alarm:[/] {event.what}: {event.reason}", soft_wrap=True)
+            err_console.print(
+                f"[bold red]alarm:[/] {escape(event.what)}: {escape(event.reason)}", soft_wrap=True
+            )
         case LinkChanged():
             err_console.print(f"[dim]link {event.state.value}, {event.queued} queued[/]")
         case GroupsChanged():
             err_console.print(f"[dim]your groups: {', '.join(event.groups)}[/]")
         case Mention():
-            console.print(f"[bold yellow]@ {event.sender} mentioned you:[/] {event.text}")
+            console.print(
+                f"[bold yellow]@ {escape(event.sender)} mentioned you:[/] {escape(event.text)}"
+            )
+        case SiteNotice():
+            console.print(f"[bold cyan]notice:[/] {escape(event.text)}", markup=True)
         case AckStatus():
             missing = ", ".join(event.missing) or "nobody"
             console.print(f"[dim]urgent {event.message_id}: not acknowledged by {missing}[/]")
@@ -364,15 +376,40 @@ def history(
         str | None, typer.Option("--search", help="Only messages with all these words.")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 200,
+    fetch: Annotated[
+        bool,
+        typer.Option(
+            "--fetch", help="First fetch older messages from the archiver (needs the broker)."
+        ),
+    ] = False,
+    broker: BrokerOption = None,
     data: DataOption = DEFAULT_DATA,
     json_output: JsonOption = False,
 ) -> None:
-    """Show a group's messages from this device's local store (searchable, end-to-end)."""
+    """Show a group's messages from this device's local store (searchable, end-to-end).
+
+    With --fetch, older messages are fetched from the archiver first, decrypted on this device
+    (asking their senders for keys it lacks) and added to the store.
+    """
     profile = _profile(data, as_user)
     try:
         cutoff = None if since is None else time.time() - parse_duration(since)
     except MeshchatError as exc:
         fail(f"--since: {exc}", code=2)
+    if fetch:
+
+        async def work() -> None:
+            async with Client(profile, broker=broker) as client:
+                async with asyncio.timeout(30):
+                    await client.fetch_history(group, since=cutoff)
+                # Keys this device lacked are on their way from their senders: a moment.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5):
+                        async for _ in client.events():
+                            if not client.session.pending:
+                                break
+
+        _run(work)
     dept, _, name = group.partition("/")
     topic = f"mc/{profile.org}/{dept}/{name}"
     with ClientStore(profile.store_path) as store:
@@ -390,10 +427,10 @@ def history(
     if not found:
         console.print(f"No messages in {group}{' matching ' + repr(search) if search else ''}.")
     for message in found:
-        body = "[dim](recalled)[/]" if message.recalled else message.body
+        body = "[dim](recalled)[/]" if message.recalled else escape(message.body)
         edited = " [dim](edited)[/]" if message.edited_at else ""
         console.print(
-            f"[dim]{_clock(message.ts)}[/] [bold]{message.sender}[/]: {body}{edited}",
+            f"[dim]{_clock(message.ts)}[/] [bold]{escape(message.sender)}[/]: {body}{edited}",
             soft_wrap=True,
         )
 

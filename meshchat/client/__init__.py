@@ -1,5 +1,6 @@
 """Clients: the MQTT transport, the E2EE client session, the local store and the device SDK."""
 
+from meshchat.client._acks import Delivery
 from meshchat.client.core import (
     RECALL_WINDOW,
     AckStatus,
@@ -10,8 +11,11 @@ from meshchat.client.core import (
     LinkChanged,
     Mention,
     Message,
+    SiteNotice,
     Unreadable,
 )
+from meshchat.client.dispatch import DISPATCH_FILE, Direction, DispatchLedger, LedgerOrder
+from meshchat.client.fleet import Fleet
 from meshchat.client.login import LoginRefusedError, default_device_name, login
 from meshchat.client.profile import PROFILES_DIR, DeviceProfile, list_profiles, open_profile
 from meshchat.client.store import ClientStore, OutboxItem, StoredMessage
@@ -38,6 +42,7 @@ __all__ = [
     "DEFAULT_MAX_PAYLOAD",
     "DEFAULT_PORTS",
     "DEFAULT_WS_PATH",
+    "DISPATCH_FILE",
     "PROFILES_DIR",
     "RECALL_WINDOW",
     "AckStatus",
@@ -47,15 +52,21 @@ __all__ = [
     "Client",
     "ClientEvent",
     "ClientStore",
+    "Delivery",
     "DeviceProfile",
+    "Direction",
+    "DispatchLedger",
+    "Fleet",
     "GroupsChanged",
     "Incoming",
+    "LedgerOrder",
     "LinkChanged",
     "LoginRefusedError",
     "Mention",
     "Message",
     "OutboxItem",
     "Publication",
+    "SiteNotice",
     "StateChange",
     "StoredMessage",
     "Transport",

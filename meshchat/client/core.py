@@ -22,21 +22,27 @@ import asyncio
 import contextlib
 import logging
 import re
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Final, Self
 
+from meshchat.client.dispatch import DISPATCH_FILE, DispatchLedger, LedgerOrder
+from meshchat.client.fleet import Fleet
 from meshchat.client.profile import DeviceProfile
 from meshchat.client.store import ClientStore, StoredMessage
 from meshchat.client.transport import Transport
 from meshchat.client.values import Backoff, Publication, StateChange, TransportState
+from meshchat.device.orders import OrderState, new_order_id, order_inner, state_inner
+from meshchat.device.telemetry import seal_key_request
 from meshchat.e2ee import (
     Decrypted,
     DeviceSession,
     Direct,
     Inner,
     Kind,
+    PairKind,
     Refused,
     ReplayAlarm,
     Roster,
@@ -44,13 +50,17 @@ from meshchat.e2ee import (
     Undecryptable,
     Waiting,
     encode_inner,
+    seal_pairwise,
 )
+from meshchat.e2ee.notice import NoticeError, verify_notice
 from meshchat.e2ee.plaintext import decode_inner
-from meshchat.envelope import GroupMessage, decode
+from meshchat.envelope import GroupMessage, Signed, decode, encode
 from meshchat.errors import (
     E2EEError,
+    EnvelopeError,
     MeshchatError,
     NotFoundError,
+    OrderError,
     PermissionDeniedError,
     TopicError,
 )
@@ -62,6 +72,7 @@ from meshchat.topics import (
     PresenceTopic,
     RosterTopic,
     ServiceTopic,
+    TelemetryTopic,
     parse_topic,
 )
 
@@ -75,6 +86,7 @@ __all__ = [
     "LinkChanged",
     "Mention",
     "Message",
+    "SiteNotice",
     "Unreadable",
 ]
 
@@ -82,6 +94,7 @@ logger = logging.getLogger(__name__)
 
 SESSION_KEY: Final = "session"
 GROUPS_KEY: Final = "groups"
+INBOX_SYNCED_KEY: Final = "inbox-synced"
 ONLINE: Final = b"online"
 OFFLINE: Final = b"offline"
 READY_TIMEOUT: Final = 3.0
@@ -91,6 +104,8 @@ RECALL_WINDOW: Final = 2 * 3600
 """Seconds during which a sender may recall a message, by default."""
 RECEIPT_INTERVAL: Final = 2.0
 MAX_RECEIPT_REFS: Final = 1000
+HISTORY_PAGE: Final = 200
+MAX_HISTORY_PAGES: Final = 50
 DELIVERED, READ = 0, 1
 _MENTION: Final = re.compile(r"(?<![\w@])@([a-z0-9][a-z0-9-]{0,31})\b", re.IGNORECASE)
 
@@ -162,13 +177,24 @@ class AckStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class SiteNotice:
+    """A verified notice from a service, e.g. "You joined the plant-3 channel"."""
+
+    group: str
+    kind: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class GroupsChanged:
     """The directory changed the groups this user is in."""
 
     groups: tuple[str, ...]
 
 
-ClientEvent = Message | Unreadable | Alarm | LinkChanged | GroupsChanged | Mention | AckStatus
+ClientEvent = (
+    Message | Unreadable | Alarm | LinkChanged | GroupsChanged | Mention | AckStatus | SiteNotice
+)
 
 
 def _group_path(topic: str) -> str:
@@ -219,6 +245,7 @@ class Client:
         self._ready_timeout = ready_timeout
         self.store = ClientStore(profile.store_path, clock=clock)
         trust = profile.trust()
+        self.trust = trust
         signing, box = profile.signing(), profile.box()
         saved = self.store.get(SESSION_KEY)
         if saved is None:
@@ -244,10 +271,16 @@ class Client:
         self._sent = asyncio.Event()
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._waiting: dict[str, str] = {}
+        self._kept = 0
         self._roster_changed = asyncio.Event()
         self._replies: dict[bytes, asyncio.Future[object]] = {}
         self._groups: set[str] = set(self._saved_groups())
         self._records_changed = asyncio.Event()
+        self.fleet = Fleet(self.store, ask=self._ask_telemetry_key)
+        """Telemetry and presence of the devices this client reads (`watch_devices`)."""
+        self.dispatch = DispatchLedger(profile.path / DISPATCH_FILE)
+        """Work orders sent from (and to) this device, and their answers."""
+        self._orders_changed = asyncio.Event()
 
     # ------------------------------------------------------------------------------ life
 
@@ -308,6 +341,7 @@ class Client:
         self._save_session()
         await self.transport.__aexit__(None, None, None)
         self.store.close()
+        self.dispatch.close()
 
     def _saved_groups(self) -> list[str]:
         raw = self.store.get(GROUPS_KEY)
@@ -329,6 +363,39 @@ class Client:
         for path in sorted(self._groups):
             await self._follow(path)
         await self._refresh_groups()
+        if self.store.get(INBOX_SYNCED_KEY) is None:
+            await self._sync_inbox()
+
+    async def _sync_inbox(self) -> None:
+        """Once, on a new device: read what reached its inbox before its session existed.
+
+        Senders share their chains with a new device as soon as its key record appears, which
+        can be a moment before the device's persistent session subscribes to its inbox; the
+        archiver keeps inboxes, so nothing sent in that moment is lost.
+        """
+        cursor: object = None
+        try:
+            for _ in range(MAX_HISTORY_PAGES):
+                async with asyncio.timeout(10.0):
+                    value = await self.request(
+                        "archive", Request("inbox", (self.profile.device, None, cursor))
+                    )
+                match value:
+                    case [list(items), next_cursor]:
+                        pass
+                    case _:
+                        return
+                for item in items:
+                    payload = item[-1] if isinstance(item, list) and item else None
+                    if isinstance(payload, bytes):
+                        self._apply(self.session.on_inbox(payload))
+                cursor = next_cursor
+                if cursor is None:
+                    break
+        except (MeshchatError, TimeoutError) as exc:
+            logger.info("no inbox history from the archiver (%s); relying on the session", exc)
+            return
+        self.store.put(INBOX_SYNCED_KEY, b"1")
 
     async def _subscribe_group(self, path: str) -> None:
         dept, name = path.split("/", 1)
@@ -370,6 +437,149 @@ class Client:
                 await asyncio.sleep(delay)
             else:
                 return
+
+    async def watch_devices(self, devices: Iterable[str]) -> None:
+        """Follow devices' presence and telemetry in `fleet` (persistent: once is enough).
+
+        Raises:
+            PermissionDeniedError: the broker refuses a device's telemetry topics (only its
+                department and admins may read them; only its dispatch groups can decrypt).
+        """
+        for device in devices:
+            await self.transport.subscribe(PresenceTopic(self.org, device).topic)
+            for kind in ("status", "gps"):
+                await self.transport.subscribe(TelemetryTopic(self.org, device, kind).topic)
+
+    async def fetch_history(
+        self,
+        group: str,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        max_pages: int = MAX_HISTORY_PAGES,
+    ) -> int:
+        """Fetch a group's older messages from the archiver and keep what this device can read.
+
+        Messages whose keys this device lacks (sent before it existed, or while its session
+        was lost) wait while their senders are asked for the keys, and are read when the keys
+        come; `Unreadable` events explain the ones withheld. Bound the wait with a timeout.
+
+        Returns:
+            How many messages were new here.
+
+        Raises:
+            NotFoundError: the user is not in that group.
+            MeshchatError: the archiver refused (its message says why).
+        """
+        topic = self._topic(group)
+        before = self._kept
+        cursor: object = None
+        for _ in range(max_pages):
+            args = (group, since, until, cursor, HISTORY_PAGE, False)
+            value = await self.request("archive", Request("history", args))
+            match value:
+                case [list(items), next_cursor]:
+                    pass
+                case _:
+                    raise MeshchatError("the archiver's history reply is malformed")
+            for item in items:
+                payload = item[-1] if isinstance(item, list) and item else None
+                if isinstance(payload, bytes):
+                    self._apply(self.session.on_group_message(topic, payload, history=True))
+            cursor = next_cursor
+            if cursor is None:
+                break
+        return self._kept - before
+
+    def _ask_telemetry_key(self, device: str, key_id: int) -> None:
+        """Ask a device for a telemetry key this client never got (signed, sealed to it)."""
+        owner = self.session.keys.owner(device)
+        if owner is None:
+            return  # its key record is not here yet; the next report asks again
+        payload = seal_key_request(
+            key_id,
+            sender=self.profile.device,
+            signing=self.session.signing,
+            device=device,
+            device_box=owner[1].box,
+            ts=self._now(),
+        )
+        self.transport.publish_nowait(InboxTopic(self.org, device).topic, payload)
+
+    # ---------------------------------------------------------------------- work orders
+
+    async def send_order(self, device: str, text: str) -> LedgerOrder:
+        """Send a work order to one device (a device account's, or a person's); returns it.
+
+        It is sealed to that device and signed by this one, queued in the outbox (it goes out
+        when the link allows) and kept in `dispatch`, where its answers land.
+
+        Raises:
+            NotFoundError: no key record lists that device (after waiting `ready_timeout`).
+            EnvelopeError: the text is empty or too long.
+        """
+        owner = self.session.keys.owner(device)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._ready_timeout):
+                while owner is None:
+                    self._records_changed.clear()
+                    await self._records_changed.wait()
+                    owner = self.session.keys.owner(device)
+        if owner is None:
+            raise NotFoundError(f"no device {device!r} is known (no key record lists it)")
+        user, keys = owner
+        order_id = new_order_id()
+        inner = order_inner(order_id, text, ts=self._now())
+        sealed = seal_pairwise(
+            sender=self.profile.device,
+            sender_key=self.session.signing,
+            recipient=device,
+            recipient_box=keys.box,
+            kind=PairKind.DIRECT,
+            fields=(encode_inner(inner),),
+        )
+        topic = InboxTopic(self.org, device).topic
+        self.store.enqueue_sealed(topic, encode_inner(inner), [(topic, encode(sealed))])
+        order = self.dispatch.add_sent(order_id, device=device, user=user, text=text, ts=inner.ts)
+        self._outbox_changed.set()
+        self._orders_changed.set()
+        return order
+
+    async def answer_order(self, order_id: str, state: OrderState, reason: str = "") -> LedgerOrder:
+        """Answer a work order sent to this user (accepted, done, rejected with a reason).
+
+        Raises:
+            OrderError: no such order sent to this user, it cannot move there, or a rejection
+                without a reason.
+        """
+        order = self.dispatch.order(order_id)
+        if order is None or order.direction != "in":
+            raise OrderError(f"no work order {order_id!r} was sent to {self.profile.user} here")
+        if state is OrderState.REJECTED and not reason.strip():
+            raise OrderError("a rejection needs a reason")
+        moved = self.dispatch.move(order_id, state, reason, self._now())
+        if moved is None:
+            raise OrderError(f"work order {order_id} is {order.state}; it cannot become {state}")
+        inner = state_inner(order_id, state, reason, ts=self._now())
+        try:
+            outgoing = self.session.seal_direct(order.user, inner)
+        except E2EEError as exc:
+            raise OrderError(f"cannot answer {order_id}: {exc}") from exc
+        topic = InboxTopic(self.org, order.device).topic
+        pairs = [(item.topic, item.payload) for item in outgoing]
+        self.store.enqueue_sealed(topic, encode_inner(inner), pairs)
+        self._outbox_changed.set()
+        self._orders_changed.set()
+        return moved
+
+    async def wait_order(self, order_id: str, check: Callable[[LedgerOrder], bool]) -> LedgerOrder:
+        """Wait until the order satisfies `check` (bound it with `asyncio.timeout`)."""
+        while True:
+            order = self.dispatch.order(order_id)
+            if order is not None and check(order):
+                return order
+            self._orders_changed.clear()
+            await self._orders_changed.wait()
 
     async def request(self, service: str, request: Request) -> object:
         """Ask a service and wait for its reply (bound the wait with `asyncio.timeout`).
@@ -416,7 +626,9 @@ class Client:
         async for message in self.transport.messages():
             try:
                 self._dispatch(message.topic, message.payload)
-            except MeshchatError as exc:  # pragma: no cover - a bug guard: never stop reading
+            except (MeshchatError, sqlite3.Error) as exc:
+                # Never stop reading: one bad message, or a store that another process holds
+                # locked for too long, must not silence the client.
                 logger.warning("could not handle a message on %s: %s", message.topic, exc)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
@@ -435,11 +647,28 @@ class Client:
                     self._apply(self.session.on_key_record(user, payload))
                     self._records_changed.set()
             case InboxTopic():
-                self._apply(self.session.on_inbox(payload))
+                self._inbox(payload)
             case GroupTopic():
                 self._apply(self.session.on_group_message(parsed.topic, payload))
             case ServiceTopic(reply=True):
                 self._reply(payload)
+            case TelemetryTopic() | PresenceTopic():
+                self.fleet.on_message(parsed, payload)
+
+    def _inbox(self, payload: bytes) -> None:
+        if _is_signed(payload):
+            self._notice(payload)
+        else:
+            self._apply(self.session.on_inbox(payload))
+
+    def _notice(self, payload: bytes) -> None:
+        """A signed notice from a service (the geofence: "You joined the plant-3 channel")."""
+        try:
+            notice = verify_notice(self.trust, payload, device=self.profile.device)
+        except (NoticeError, EnvelopeError) as exc:
+            self._emit(Alarm("a notice in this device's inbox", str(exc)))
+            return
+        self._emit(SiteNotice(_group_path(notice.group_topic), notice.kind.value, notice.text))
 
     def _reply(self, payload: bytes) -> None:
         with contextlib.suppress(MeshchatError):
@@ -483,7 +712,11 @@ class Client:
             case Refused():
                 logger.warning("refused %s: %s", event.what, event.reason)
                 self._emit(Alarm(event.what, event.reason))
+            case Direct() if event.inner.kind is Kind.TELEMETRY_KEY:
+                self.fleet.take_key(event.device, event.inner)
             case Direct():
+                if self.dispatch.take(event, me=self.profile.user) is not None:
+                    self._orders_changed.set()
                 self._emit(
                     Message(
                         "",
@@ -520,6 +753,7 @@ class Client:
         )
         if not new:
             return
+        self._kept += 1
         path = _group_path(topic)
         self._emit(
             Message(
@@ -798,6 +1032,14 @@ class Client:
         self.store.sent(item_id)
         self._sent.set()
         self._emit(LinkChanged(self.state, self.queued))
+
+
+def _is_signed(payload: bytes) -> bool:
+    """Whether an inbox payload is a signed envelope (a service's notice)."""
+    try:
+        return isinstance(decode(payload), Signed)
+    except EnvelopeError:
+        return False
 
 
 def _ref(value: object) -> tuple[int, int]:

@@ -200,6 +200,26 @@ class ClientStore:
             assert cursor.lastrowid is not None
             return cursor.lastrowid
 
+    def enqueue_sealed(self, topic: str, inner: bytes, outgoing: list[tuple[str, bytes]]) -> int:
+        """Keep a message encrypted already (a direct message): queued and sealed at once.
+
+        Args:
+            topic: what the outbox row is about (the recipient's inbox topic).
+            inner: the plaintext, kept on this machine only.
+            outgoing: the (topic, payload) envelopes to publish.
+
+        Returns:
+            Its outbox id.
+        """
+        sealed: bytes = msgpack.packb([list(pair) for pair in outgoing], use_bin_type=True)
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO outbox (group_topic, inner, created_at, sealed) VALUES (?, ?, ?, ?)",
+                (topic, inner, self._clock(), sealed),
+            )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
     def outbox(self) -> list[OutboxItem]:
         """Unacknowledged messages, oldest first."""
         rows = self.db.execute(

@@ -14,7 +14,10 @@ Delivery is at least once in both directions, never at most once:
 - Incoming: a QoS 1 message is acknowledged when the consumer of `Transport.messages` asks for
   the next one, so a consumer that dies while handling a message gets it again from a persistent
   session. Messages already taken from a link that then dropped are still handed out, and the
-  broker sends them again: the layer above drops duplicates (the E2EE seen set does).
+  broker sends them again: the layer above drops duplicates (the E2EE seen set does). A consumer
+  that must keep a message before the broker may forget it (the archiver commits it to disk
+  first) asks for ``messages(manual_ack=True)`` and acknowledges each `Delivery` itself; the
+  PUBACKs still go out in arrival order.
 
 The outbox lives in memory. A layer that must not lose a message across a crash keeps its own
 durable copy, publishes it with `Transport.publish_nowait` and deletes it when the ``on_sent``
@@ -33,10 +36,11 @@ import secrets
 import ssl
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final, Literal, Self, overload
 
 import aiomqtt
 
+from meshchat.client._acks import AckQueue, Delivery
 from meshchat.client._link import Link, LinkDownError, Received, acked, connack_code
 from meshchat.client._outbox import Outbox
 from meshchat.client._subscriptions import Subscriptions
@@ -243,6 +247,7 @@ class Transport:
         self._outbox = Outbox(limit=max_outbox, on_sent=on_sent)
         self._inbox: collections.deque[Received] = collections.deque()
         self._inbox_ready = asyncio.Event()
+        self._acks = AckQueue()
         self._subscriptions = Subscriptions(
             broker=str(self._url), actor=username or self._opts.client_id
         )
@@ -389,11 +394,25 @@ class Transport:
         validate_filter(topic_filter)
         await self._subscriptions.remove(topic_filter)
 
-    async def messages(self) -> AsyncGenerator[Incoming, None]:
+    @overload
+    def messages(self, *, manual_ack: Literal[False] = False) -> AsyncGenerator[Incoming, None]: ...
+
+    @overload
+    def messages(self, *, manual_ack: Literal[True]) -> AsyncGenerator[Delivery, None]: ...
+
+    async def messages(
+        self, *, manual_ack: bool = False
+    ) -> AsyncGenerator[Incoming | Delivery, None]:
         """Yield incoming messages in arrival order, across reconnects, until the transport closes.
 
-        A QoS 1 message is acknowledged to the broker when the next one is asked for. Meant for
-        one consumer; with several, each message goes to one of them.
+        By default a QoS 1 message is acknowledged to the broker when the next one is asked for.
+        With `manual_ack` each message comes as a `Delivery` and is acknowledged only when its
+        `Delivery.ack` is called; the acknowledgements go out in arrival order all the same, so
+        one acknowledged early waits for the ones before it. Meant for one consumer; with
+        several, each message goes to one of them.
+
+        Args:
+            manual_ack: the consumer acknowledges each message itself (after it has kept it).
 
         Raises:
             AuthenticationError: the transport closed because its credentials were refused.
@@ -410,8 +429,12 @@ class Transport:
                 if self._error is not None:
                     raise self._error
                 return
-            previous = self._inbox.popleft()
-            yield Incoming(previous.topic, previous.payload, previous.qos, previous.retain)
+            received = self._inbox.popleft()
+            if manual_ack:
+                yield self._acks.track(received)
+            else:
+                previous = received
+                yield Incoming(received.topic, received.payload, received.qos, received.retain)
 
     async def wait_state(self, *states: TransportState) -> StateChange:
         """Wait until the transport is in one of `states` (at once if it is); return the change.

@@ -648,3 +648,96 @@ async def test_closing_while_the_link_is_down_is_prompt_and_leaves_nothing_runni
             await sending
     running = [task.get_name() for task in asyncio.all_tasks() if not task.done()]
     assert not [name for name in running if name.startswith("meshchat[")]
+
+
+# -- manual acknowledgement ----------------------------------------------------------------------
+
+
+async def test_manual_ack_sends_no_puback_until_asked_and_then_in_arrival_order() -> None:
+    async with RogueBroker() as rogue, make(f"mqtt://127.0.0.1:{rogue.port}") as transport:
+        server = await asyncio.wait_for(rogue.connections.get(), DEADLINE)
+        deliveries = transport.messages(manual_ack=True)
+        for packet_id in (1, 2, 3):
+            await server.send(raw_publish(b"a/b", b"%d" % packet_id, packet_id))
+        first, second, third = [await anext(deliveries) for _ in range(3)]
+        assert [d.payload for d in (first, second, third)] == [b"1", b"2", b"3"]
+        # Taking the next delivery acknowledged nothing, and neither did acknowledging out of
+        # order: the next packet on the wire is this QoS 0 publish, not a PUBACK.
+        third.ack()
+        second.ack()
+        transport.publish_nowait("marker/topic", b"marker", qos=0)
+        marker = await server.read()
+        assert (marker.type, marker.body.endswith(b"marker")) == (3, True)
+        first.ack()  # the head: all three go out, in the order they arrived
+        acks = [await server.read() for _ in range(3)]
+        assert [(p.type, struct.unpack("!H", p.body)[0]) for p in acks] == [
+            (PUBACK, 1),
+            (PUBACK, 2),
+            (PUBACK, 3),
+        ]
+        first.ack()  # twice is harmless
+        assert (first.acked, repr(first).count("bytes")) == (True, 1)
+        assert first.message == Incoming("a/b", b"1", qos=1, retain=False)
+
+
+async def test_a_delivery_from_a_dropped_link_holds_up_no_acknowledgement() -> None:
+    async with RogueBroker() as rogue, make(f"mqtt://127.0.0.1:{rogue.port}") as transport:
+        old = await asyncio.wait_for(rogue.connections.get(), DEADLINE)
+        deliveries = transport.messages(manual_ack=True)
+        await old.send(raw_publish(b"a/b", b"one", 1))
+        stale = await anext(deliveries)
+        await old.close()  # the link drops before `stale` was acknowledged
+        new = await asyncio.wait_for(rogue.connections.get(), DEADLINE)
+        await new.send(raw_publish(b"a/b", b"one", 7))  # the broker sends it again
+        await new.send(raw_publish(b"a/b", b"two", 8))
+        again, two = await anext(deliveries), await anext(deliveries)
+        assert (again.payload, two.payload) == (b"one", b"two")
+        two.ack()
+        again.ack()
+        acks = [await new.read() for _ in range(2)]
+        assert [struct.unpack("!H", p.body)[0] for p in acks] == [7, 8]
+        stale.ack()  # its packet id died with its link: nothing is sent
+        transport.publish_nowait("marker/topic", b"marker", qos=0)
+        assert (await new.read()).type == 3
+
+
+async def test_unacknowledged_deliveries_come_back_after_the_link_drops(
+    broker: EmbeddedBroker,
+) -> None:
+    topic = unique_topic()
+    port = broker.listener("mqtt").port
+    async with TcpProxy("127.0.0.1", port) as proxy, make(proxy.url) as transport:
+        await transport.subscribe(topic)
+        deliveries = transport.messages(manual_ack=True)
+        await publish_direct(port, topic, [b"kept", b"not yet", b"nor this"])
+        async with asyncio.timeout(DEADLINE):
+            kept, *_rest = [await anext(deliveries) for _ in range(3)]
+        kept.ack()
+        # A QoS 1 round trip on the same connection: the broker has read the PUBACK before it.
+        await transport.publish(unique_topic(), b"barrier")
+        async with disconnected(transport, proxy):
+            pass
+        await wait_for(transport, CONNECTED)
+        assert transport.session_present
+        async with asyncio.timeout(DEADLINE):
+            again = [await anext(deliveries) for _ in range(2)]
+        for delivery in again:
+            delivery.ack()
+        # A marker after the redeliveries: "kept" was acknowledged, so it did not come back.
+        await publish_direct(port, topic, [b"marker"])
+        async with asyncio.timeout(DEADLINE):
+            marker = await anext(deliveries)
+    assert [d.payload for d in again] == [b"not yet", b"nor this"]
+    assert marker.payload == b"marker"
+
+
+async def test_the_default_mode_still_acknowledges_on_asking_for_the_next() -> None:
+    async with RogueBroker() as rogue, make(f"mqtt://127.0.0.1:{rogue.port}") as transport:
+        server = await asyncio.wait_for(rogue.connections.get(), DEADLINE)
+        messages = transport.messages()
+        await server.send(raw_publish(b"a/b", b"1", 1))
+        await server.send(raw_publish(b"a/b", b"2", 2))
+        assert (await anext(messages)).payload == b"1"
+        assert (await anext(messages)).payload == b"2"
+        puback = await server.read()
+        assert (puback.type, puback.body) == (PUBACK, b"\x00\x01")
