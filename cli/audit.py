@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from cli.audit_decrypt import decrypt
 from cli.common import (
     DEFAULT_DATA,
     DataOption,
@@ -21,7 +22,11 @@ from meshchat.errors import AuditChainError
 
 __all__ = ["audit_app"]
 
-audit_app = typer.Typer(help="Show and verify the audit log.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="Show and verify the audit log; read archive exports as the auditor.",
+    no_args_is_help=True,
+)
+audit_app.command("decrypt")(decrypt)
 
 
 @audit_app.command("show")

@@ -4,10 +4,12 @@
 MeshchatError
 ├── TopicError          a name, topic or topic filter is invalid (the message names the bad part)
 ├── EnvelopeError       an envelope cannot be encoded or decoded (malformed, oversize, unsupported)
+│   └── TelemetryError      a device's status report or GPS fix fails its schema (field named)
 ├── ConfigError         a setting, a file or the data directory is unusable
 ├── BrokerError         the embedded broker cannot start or stop
 │   └── AddressInUseError   the port the broker should listen on is taken
 ├── TransportError      the MQTT link cannot take or deliver a message (outbox full, closed, ...)
+├── OrderError          a work order is unknown, or cannot move to the state asked for
 ├── E2EEError           end-to-end encryption refused a message or a key
 │   ├── DecryptError            unknown chain, key not available, or authentication failed
 │   ├── DuplicateMessageError   an identical redelivery of a message already read (drop it)
@@ -43,8 +45,10 @@ __all__ = [
     "ImportFileError",
     "MeshchatError",
     "NotFoundError",
+    "OrderError",
     "PermissionDeniedError",
     "ReplayError",
+    "TelemetryError",
     "TopicError",
     "TransportError",
 ]
@@ -71,6 +75,19 @@ class TopicError(MeshchatError, ValueError):
 
 class EnvelopeError(MeshchatError, ValueError):
     """An envelope is malformed, oversize, of an unknown type or of an unsupported version."""
+
+
+class TelemetryError(EnvelopeError):
+    """A device's status report or GPS fix fails its schema.
+
+    Attributes:
+        field: the offending field (``"battery"``, ``"lat"``, ...), empty for the whole report.
+    """
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        """Create the error; `field` names what was wrong."""
+        super().__init__(message)
+        self.field = field
 
 
 class ConfigError(MeshchatError):
@@ -111,6 +128,10 @@ class TransportError(MeshchatError):
         """Create the error with its reason."""
         super().__init__(message)
         self.reason = reason
+
+
+class OrderError(MeshchatError):
+    """A work order is unknown here, or cannot move to the state asked for (the message says)."""
 
 
 class DirectoryError(MeshchatError):

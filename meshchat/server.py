@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -13,16 +14,23 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Self
 
+from meshchat.archive import ARCHIVE_FILE, Archiver
 from meshchat.broker import AccessGate, BrokerSettings, EmbeddedBroker, Listener
 from meshchat.broker.access import ConnectLimit
 from meshchat.client.transport import Transport
 from meshchat.directory import DIRECTORY_FILE, AccessPolicy, Directory
 from meshchat.directory.credentials import hash_token
-from meshchat.directory.policy import DIRECTORY_SERVICE, SERVICE_PREFIX
+from meshchat.directory.policy import (
+    ARCHIVE_SERVICE,
+    DIRECTORY_SERVICE,
+    GEOFENCE_SERVICE,
+    SERVICE_PREFIX,
+)
 from meshchat.directory.service import DirectoryService
 from meshchat.directory.signing import OrgKeys, generate_passphrase
 from meshchat.directory.watch import DirectoryWatcher
 from meshchat.errors import ConfigError
+from meshchat.geofence import GeofenceWorker
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -60,7 +68,7 @@ class NewOrgKeys:
 
 
 class SiteServer:
-    """Broker and directory (and, as they land, archiver and geofence) on one data directory.
+    """Broker, directory, archiver and geofence worker on one data directory.
 
     An async context manager: entering locks the data directory, creates the org on a first
     run (and the org keys and identity keys that are missing), and starts every service;
@@ -96,9 +104,15 @@ class SiteServer:
         self.bootstrap: Bootstrap | None = None
         self.new_keys: NewOrgKeys | None = None
         self.directory_service: DirectoryService | None = None
+        self.archiver: Archiver | None = None
+        self.geofence: GeofenceWorker | None = None
         # Tokens of meshchat's own services, made fresh on every start (the broker's policy
         # knows their hashes only).
-        self._service_tokens = {DIRECTORY_SERVICE: secrets.token_urlsafe(24)}
+        self._service_tokens = {
+            DIRECTORY_SERVICE: secrets.token_urlsafe(24),
+            ARCHIVE_SERVICE: secrets.token_urlsafe(24),
+            GEOFENCE_SERVICE: secrets.token_urlsafe(24),
+        }
         self.watcher: DirectoryWatcher | None = None
         settings = broker or BrokerSettings()
         if durable and settings.state_dir is None:
@@ -183,7 +197,12 @@ class SiteServer:
             await stack.enter_async_context(self.broker)
             if not self.anonymous:
                 await self._start_directory_service()
+                await self._start_archive_service()
+                await self._start_geofence_service()
             self._write_runtime_file()
+            # Everything allocated so far lives as long as the server: keep it out of the
+            # collector's full passes, which otherwise stall message routing for tens of ms.
+            gc.freeze()
         except BaseException:
             await stack.aclose()
             raise
@@ -228,6 +247,90 @@ class SiteServer:
 
         self._stack.push_async_callback(stop)
 
+    async def _start_archive_service(self) -> None:
+        """Archive the org's envelopes into ``DATA/archive.db`` and answer history requests.
+
+        Its session is persistent (the client id stays ``svc.archive`` from run to run), so the
+        broker keeps for it what arrives while the server is down, and nothing is acknowledged
+        before it is committed.
+        """
+        name = ARCHIVE_SERVICE
+        self._stack.enter_context(self.data.lock("archive"))
+        transport = await self._stack.enter_async_context(
+            Transport(
+                self._service_url(),
+                client_id=f"{SERVICE_PREFIX}{name}",
+                username=f"{SERVICE_PREFIX}{name}",
+                password=self._service_tokens[name],
+                clean_session=False,
+            )
+        )
+        watcher = self.watcher
+        assert watcher is not None
+        self.archiver = Archiver(
+            self.data.path / ARCHIVE_FILE,
+            transport,
+            org=watcher.policy.snapshot.org,
+            snapshot=lambda: watcher.policy.snapshot,
+            directory_file=self.directory_file,
+        )
+        task = asyncio.create_task(self.archiver.run(), name="meshchat[archive].loop")
+        task.add_done_callback(_report_archiver_end)
+
+        async def stop() -> None:
+            if task.done():
+                return  # it ended on its own; `_report_archiver_end` said why
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self._stack.push_async_callback(stop)
+        ready = asyncio.create_task(self.archiver.ready.wait(), name="meshchat[archive].ready")
+        try:
+            # Subscribed before `meshchat up` says it is ready: nothing sent after that is missed.
+            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise ConfigError(f"the archiver could not start: {task.exception()}")
+
+    async def _start_geofence_service(self) -> None:
+        """Follow OwnTracks phones (and GPS telemetry) and keep the site channels' members.
+
+        Its session is persistent (``svc.geofence``), so fixes sent while the server is down
+        wait for it; memberships change through the directory and the watcher's policy.
+        """
+        name = GEOFENCE_SERVICE
+        self._stack.enter_context(self.data.lock("geofence"))
+        transport = await self._stack.enter_async_context(
+            Transport(
+                self._service_url(),
+                client_id=f"{SERVICE_PREFIX}{name}",
+                username=f"{SERVICE_PREFIX}{name}",
+                password=self._service_tokens[name],
+                clean_session=False,
+            )
+        )
+        assert self.watcher is not None
+        self.geofence = GeofenceWorker(self.data.path, transport, on_change=self.watcher.reload)
+        task = asyncio.create_task(self.geofence.run(), name="meshchat[geofence].loop")
+        task.add_done_callback(_report_geofence_end)
+
+        async def stop() -> None:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        self._stack.push_async_callback(stop)
+        ready = asyncio.create_task(self.geofence.wait_ready(), name="meshchat[geofence].ready")
+        try:
+            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise ConfigError(f"the geofence worker could not start: {task.exception()}")
+
     def _write_runtime_file(self) -> None:
         state = {"pid": os.getpid(), "listeners": [listener.url for listener in self.listeners]}
         tmp = self.runtime_file.with_suffix(".tmp")
@@ -243,3 +346,15 @@ class SiteServer:
     ) -> None:
         """Stop every service and release the data directory."""
         await self._stack.aclose()
+
+
+def _report_archiver_end(task: asyncio.Task[None]) -> None:
+    """Say, in one line, why the archiver stopped while the server runs on."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("the archiver stopped: %s", task.exception())
+
+
+def _report_geofence_end(task: asyncio.Task[None]) -> None:
+    """Say, in one line, why the geofence worker stopped while the server runs on."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("the geofence worker stopped: %s", task.exception())

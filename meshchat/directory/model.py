@@ -41,6 +41,8 @@ class Permission(enum.StrEnum):
     RETENTION_MANAGE = "retention.manage"
     AUDIT_READ = "audit.read"
     POST_ANNOUNCEMENT = "group.post-announcement"
+    SITE_AUTOJOIN = "site.auto-join"
+    """Not an admin action: the geofence may add this user to the channel of a site they enter."""
 
 
 class UserStatus(enum.StrEnum):
@@ -142,7 +144,13 @@ class Group:
 
 @dataclass(frozen=True, slots=True)
 class Site:
-    """A place with a geofence; its channel is the group ``sites/{name}``."""
+    """A place with a geofence; its channel is the group ``sites/{name}``.
+
+    Attributes:
+        dwell_s: seconds inside before the geofence adds someone (None: its default).
+        exit_dwell_s: seconds wholly outside before it removes them (None: its default).
+        hysteresis_m: metres the fence grows by for the exit test (None: its default).
+    """
 
     name: str
     lat: float | None
@@ -150,6 +158,9 @@ class Site:
     radius_m: float | None
     polygon: tuple[tuple[float, float], ...] | None
     created_at: float
+    dwell_s: float | None = None
+    exit_dwell_s: float | None = None
+    hysteresis_m: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

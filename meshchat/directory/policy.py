@@ -357,9 +357,11 @@ class AccessPolicy:
 
     def _owntracks(self, principal: Principal, action: Action, topic: OwnTracksTopic) -> Decision:
         if principal.kind is PrincipalKind.SERVICE:
-            if action is Action.PUBLISH:
-                return _deny("services do not publish OwnTracks messages")
-            return _allow("services read OwnTracks fixes")
+            if action is not Action.PUBLISH:
+                return _allow("services read OwnTracks fixes")
+            if principal.name == GEOFENCE_SERVICE and topic.suffix == "cmd":
+                return _allow("the geofence pushes site regions to phones (setWaypoints)")
+            return _deny("services do not publish OwnTracks messages")
         if topic.user == principal.name:
             return _allow("users publish and read their own OwnTracks topics")
         return _deny(f"owntracks/{topic.user} belongs to {topic.user}")

@@ -16,12 +16,14 @@ ROLE_PERMISSIONS: Final[dict[Role, frozenset[Permission]]] = {
             Permission.GROUP_CREATE,
             Permission.GROUP_MANAGE,
             Permission.POST_ANNOUNCEMENT,
+            Permission.SITE_AUTOJOIN,
         }
     ),
-    Role.MEMBER: frozenset(),
+    Role.MEMBER: frozenset({Permission.SITE_AUTOJOIN}),
     Role.DEVICE: frozenset(),
 }
-"""The defaults: admins may do everything; managers manage groups of their own department."""
+"""The defaults: admins may do everything; managers manage groups of their own department;
+people (not device accounts) may be auto-joined to the channel of the site they stand in."""
 
 DEPARTMENT_SCOPED: Final = frozenset(
     {Permission.GROUP_CREATE, Permission.GROUP_MANAGE, Permission.POST_ANNOUNCEMENT}

@@ -138,3 +138,16 @@ def _e2ee_keys(db: Database) -> None:
         not_null={"version", "payload"},
         foreign_keys=[("user", "users", "name")],
     )
+
+
+@MIGRATIONS(name="0004_geofence_sites")
+def _geofence_sites(db: Database) -> None:
+    """Per-site geofence timing, and which site-channel memberships the geofence made.
+
+    ``members.via`` is NULL for memberships an admin made and ``geofence`` for those the
+    geofence worker made: it only ever removes its own. NULL timing means the defaults.
+    """
+    db.table("sites").add_column("dwell_s", float)
+    db.table("sites").add_column("exit_dwell_s", float)
+    db.table("sites").add_column("hysteresis_m", float)
+    db.table("members").add_column("via", str)

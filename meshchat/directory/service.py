@@ -41,12 +41,13 @@ import nacl.public
 
 from meshchat.directory.model import Role, UserStatus
 from meshchat.directory.policy import DIRECTORY_SERVICE
-from meshchat.directory.signing import OrgKeys
+from meshchat.directory.signing import OrgKeys, RosterSigner
 from meshchat.directory.store import Directory
 from meshchat.envelope import encode
 from meshchat.errors import EnvelopeError, MeshchatError, TopicError
 from meshchat.rpc import PUSH_ID, Reply, Request, decode_request
 from meshchat.topics import (
+    SITES_DEPARTMENT,
     GroupTopic,
     KeyTopic,
     ServiceTopic,
@@ -127,7 +128,13 @@ class DirectoryResponder:
             if group.expired(now):
                 continue
             topic = GroupTopic(self.org, group.dept, group.name).roster.topic
-            wanted[topic] = encode(self.keys.roster(self.directory, group.path, now))
+            # Site channels carry the geofence worker's signature, the same bytes it publishes.
+            signer: RosterSigner = (
+                "geofence"
+                if group.dept == SITES_DEPARTMENT and self.keys.has_geofence_key
+                else "directory"
+            )
+            wanted[topic] = encode(self.keys.roster(self.directory, group.path, now, signer=signer))
         out = [
             Publication(topic, payload, retain=True)
             for topic, payload in sorted(wanted.items())

@@ -283,6 +283,22 @@ class OrgKeys:
         return self._trust.org
 
     @property
+    def has_geofence_key(self) -> bool:
+        """Whether the geofence worker's roster key is on this machine (site channels)."""
+        return self._geofence_key is not None
+
+    @property
+    def geofence_key(self) -> SigningKeyPair:
+        """The geofence worker's roster key (it also signs the worker's notices).
+
+        Raises:
+            ConfigError: the key is not on this machine.
+        """
+        if self._geofence_key is None:
+            raise ConfigError(f"the geofence key {self.path / GEOFENCE_KEY} is not on this machine")
+        return self._geofence_key
+
+    @property
     def fingerprint(self) -> str:
         """The root key's fingerprint, for people to compare at login."""
         return self._trust.fingerprint

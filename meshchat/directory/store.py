@@ -64,8 +64,17 @@ __all__ = ["DIRECTORY_FILE", "Directory", "parse_group_path"]
 DIRECTORY_FILE: Final = "directory.db"
 DEFAULT_POST_ROLES: Final = frozenset({Role.ADMIN, Role.MANAGER})
 PUBLIC_KEY_LEN: Final = 32
-KEY_ACTIONS: Final = frozenset({"org.keys", "user.identity"})
+KEY_ACTIONS: Final = frozenset({"org.keys", "user.identity", "owntracks.key"})
 """Audit actions `Directory.audit_keys` may record (key creation, public keys only)."""
+GEOFENCE_VIA: Final = "geofence"
+"""``members.via`` of the site-channel memberships the geofence worker made."""
+MAX_SITE_LATITUDE: Final = 85.0
+"""The geofence's local projection serves sites between 85 degrees south and north."""
+MAX_SITE_CORNERS: Final = 1000
+MAX_SITE_DWELL_S: Final = 86_400.0
+MAX_SITE_HYSTERESIS_M: Final = 10_000.0
+SERVICE_ACTIONS: Final = frozenset({"archive.retention"})
+"""Audit actions `Directory.audit_service` may record (what meshchat's services did alone)."""
 
 
 def parse_group_path(path: str) -> tuple[str, str]:
@@ -193,6 +202,20 @@ class Directory:
             raise ValueError(f"{action!r} is not a key action")
         with self._write():
             self._audit(actor, action, target, **public)
+
+    def audit_service(self, actor: str, action: str, target: str, **details: Any) -> None:  # noqa: ANN401  # JSON values
+        """Record what one of meshchat's services did on its own (a retention pass).
+
+        Args:
+            actor: the service (``svc.archive``).
+            action: one of `SERVICE_ACTIONS`.
+            target: what it acted on.
+            **details: JSON values describing it; never a secret or a message.
+        """
+        if action not in SERVICE_ACTIONS:
+            raise ValueError(f"{action!r} is not a service action")
+        with self._write():
+            self._audit(actor, action, target, **details)
 
     # -- org ---------------------------------------------------------------------------------
 
@@ -972,6 +995,12 @@ class Directory:
             )
             if cursor.rowcount:
                 added.append(user)
+            else:
+                # An admin's add makes a membership the geofence made the admin's: it stays.
+                self.db.conn.execute(
+                    "UPDATE members SET via = NULL WHERE group_id = ? AND user = ?",
+                    (row["id"], user),
+                )
         return added
 
     def add_members(self, actor: str, path: str, users: Iterable[str]) -> list[str]:
@@ -1059,6 +1088,18 @@ class Directory:
 
     # -- sites -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _check_site_timing(
+        dwell_s: float | None, exit_dwell_s: float | None, hysteresis_m: float | None
+    ) -> None:
+        for what, value, top in (
+            ("dwell", dwell_s, MAX_SITE_DWELL_S),
+            ("exit dwell", exit_dwell_s, MAX_SITE_DWELL_S),
+            ("hysteresis", hysteresis_m, MAX_SITE_HYSTERESIS_M),
+        ):
+            if value is not None and not 0 <= value <= top:
+                raise DirectoryError(f"the {what} must be between 0 and {top:,g}")
+
     def add_site(
         self,
         actor: str,
@@ -1068,12 +1109,26 @@ class Directory:
         lon: float | None = None,
         radius_m: float | None = None,
         polygon: list[tuple[float, float]] | None = None,
+        dwell_s: float | None = None,
+        exit_dwell_s: float | None = None,
+        hysteresis_m: float | None = None,
     ) -> Site:
         """Add a site (a circle or a polygon of (lat, lon) points) and its channel group.
 
+        Args:
+            actor: who adds it.
+            name: the site's name; its channel is ``sites/{name}``.
+            lat: a circle's centre latitude.
+            lon: a circle's centre longitude.
+            radius_m: a circle's radius in metres.
+            polygon: or the corners of a polygon, as (lat, lon).
+            dwell_s: seconds inside before the geofence adds someone (None: its default).
+            exit_dwell_s: seconds wholly outside before it removes them (None: its default).
+            hysteresis_m: metres the fence grows by for the exit test (None: its default).
+
         Raises:
             PermissionDeniedError: `actor` lacks ``site.manage``.
-            DirectoryError: neither or both shapes, or coordinates out of range.
+            DirectoryError: neither or both shapes, coordinates or timing out of range.
         """
         validate_name(name, "site name")
         circle = lat is not None and lon is not None and radius_m is not None
@@ -1085,10 +1140,17 @@ class Directory:
             assert point_lon is not None
             if not (-90 <= point_lat <= 90 and -180 <= point_lon <= 180):
                 raise DirectoryError(f"coordinates ({point_lat}, {point_lon}) are out of range")
+            if abs(point_lat) > MAX_SITE_LATITUDE:
+                raise DirectoryError(
+                    f"latitude {point_lat} is beyond {MAX_SITE_LATITUDE:g} degrees: sites must "
+                    f"lie between {MAX_SITE_LATITUDE:g} S and {MAX_SITE_LATITUDE:g} N"
+                )
         if circle and not (radius_m is not None and 0 < radius_m <= 100_000):
             raise DirectoryError("the radius must be between 0 and 100,000 metres")
-        if polygon is not None and len(polygon) < 3:
-            raise DirectoryError("a polygon needs at least three points")
+        if polygon is not None and not 3 <= len(polygon) <= MAX_SITE_CORNERS:
+            raise DirectoryError(f"a polygon needs 3 to {MAX_SITE_CORNERS} points")
+        self._check_site_timing(dwell_s, exit_dwell_s, hysteresis_m)
+        timing = {"dwell_s": dwell_s, "exit_dwell_s": exit_dwell_s, "hysteresis_m": hysteresis_m}
         with self._write():
             rbac.require(self._actor(actor), Permission.SITE_MANAGE)
             if list(self.db.table("sites").rows_where("name = ?", [name])):
@@ -1101,9 +1163,11 @@ class Directory:
                     "radius_m": radius_m,
                     "polygon": json.dumps(polygon) if polygon is not None else None,
                     "created_at": float(self._clock()),
+                    **timing,
                 }
             )
-            self._audit(actor, "site.add", name, circle=circle)
+            given = {key: value for key, value in timing.items() if value is not None}
+            self._audit(actor, "site.add", name, circle=circle, **given)
             self._insert_group(
                 actor,
                 SITES_DEPARTMENT,
@@ -1115,6 +1179,36 @@ class Directory:
                 announcement=False,
                 post_roles=DEFAULT_POST_ROLES,
             )
+        return self.site(name)
+
+    def set_site(
+        self,
+        actor: str,
+        name: str,
+        *,
+        dwell_s: float | Literal["keep"] | None = "keep",
+        exit_dwell_s: float | Literal["keep"] | None = "keep",
+        hysteresis_m: float | Literal["keep"] | None = "keep",
+    ) -> Site:
+        """Change a site's geofence timing; None goes back to the default, "keep" leaves it.
+
+        Raises:
+            PermissionDeniedError: `actor` lacks ``site.manage``.
+            NotFoundError: no such site.
+            DirectoryError: a value is out of range.
+        """
+        wanted = {"dwell_s": dwell_s, "exit_dwell_s": exit_dwell_s, "hysteresis_m": hysteresis_m}
+        changes = {key: value for key, value in wanted.items() if value != "keep"}
+        self._check_site_timing(
+            *(None if isinstance(v, str) else v for v in wanted.values())  # "keep" is checked
+        )
+        with self._write():
+            rbac.require(self._actor(actor), Permission.SITE_MANAGE)
+            before = self.site(name)
+            changes = {k: v for k, v in changes.items() if getattr(before, k) != v}
+            if changes:
+                self.db.table("sites").update(name, changes)
+                self._audit(actor, "site.set", name, **changes)
         return self.site(name)
 
     def site(self, name: str) -> Site:
@@ -1138,11 +1232,94 @@ class Directory:
             radius_m=row["radius_m"],
             polygon=tuple((float(a), float(b)) for a, b in polygon) if polygon else None,
             created_at=row["created_at"],
+            dwell_s=row.get("dwell_s"),
+            exit_dwell_s=row.get("exit_dwell_s"),
+            hysteresis_m=row.get("hysteresis_m"),
         )
 
     def sites(self) -> list[Site]:
         """Every site, by name."""
         return [self._to_site(row) for row in self.db.table("sites").rows_where(order_by="name")]
+
+    def site_presence(self) -> dict[str, frozenset[str]]:
+        """The users the geofence worker put in each site channel (not an admin), by site."""
+        rows = self.db.conn.execute(
+            "SELECT g.name, m.user FROM members m JOIN groups g ON g.id = m.group_id "
+            "WHERE g.dept = ? AND m.via = ?",
+            (SITES_DEPARTMENT, GEOFENCE_VIA),
+        ).fetchall()
+        found: dict[str, set[str]] = {}
+        for site, user in rows:
+            found.setdefault(site, set()).add(user)
+        return {site: frozenset(users) for site, users in found.items()}
+
+    def set_site_presence(
+        self,
+        actor: str,
+        site: str,
+        present: Iterable[str],
+        *,
+        add: bool = True,
+        remove: bool = True,
+    ) -> tuple[list[str], list[str]]:
+        """The geofence worker's write: make a site channel's automatic members `present`.
+
+        Only users whose role holds ``site.auto-join`` (and who are active) are added; only
+        memberships the geofence made are removed, never one an admin made. A removal marks the
+        channel for key rotation. One transaction and one audit row (``site.presence``) per call,
+        so one roster epoch per batch.
+
+        Args:
+            actor: the service acting (``svc.geofence``); not checked against RBAC.
+            site: the site.
+            present: the users the geofence sees inside the site now.
+            add: add those not in the channel yet.
+            remove: remove the geofence's members who are not present.
+
+        Returns:
+            (added, removed) user names, sorted.
+
+        Raises:
+            NotFoundError: no such site.
+        """
+        wanted = set(present)
+        with self._write():
+            self.site(site)
+            row = self._group_row(SITES_DEPARTMENT, site)
+            if row is None:
+                raise NotFoundError(f"site {site!r} has no channel")
+            members = dict(
+                self.db.conn.execute(
+                    "SELECT user, via FROM members WHERE group_id = ?", (row["id"],)
+                ).fetchall()
+            )
+            allowed = {
+                user.name
+                for user in self.users()
+                if user.name in wanted and rbac.can(user, Permission.SITE_AUTOJOIN)
+            }
+            added = sorted(allowed - members.keys()) if add else []
+            removed = (
+                sorted(u for u, via in members.items() if via == GEOFENCE_VIA and u not in allowed)
+                if remove
+                else []
+            )
+            now = float(self._clock())
+            self.db.conn.executemany(
+                "INSERT INTO members (group_id, user, added_at, via) VALUES (?, ?, ?, ?)",
+                [(row["id"], user, now, GEOFENCE_VIA) for user in added],
+            )
+            self.db.conn.executemany(
+                "DELETE FROM members WHERE group_id = ? AND user = ?",
+                [(row["id"], user) for user in removed],
+            )
+            if removed:
+                self.db.conn.execute(
+                    "UPDATE groups SET rotation_pending = 1 WHERE id = ?", (row["id"],)
+                )
+            if added or removed:
+                self._audit(actor, "site.presence", site, joined=added, left=removed)
+        return added, removed
 
     # -- audit -------------------------------------------------------------------------------
 

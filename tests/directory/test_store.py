@@ -181,7 +181,12 @@ def test_schema_is_migrated_once(tmp_path: Path) -> None:
     Directory(path).close()
     with sqlite3.connect(path) as conn:
         names = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")]
-    assert names == ["0001_initial", "0002_broker_hashes", "0003_e2ee_keys"]
+    assert names == [
+        "0001_initial",
+        "0002_broker_hashes",
+        "0003_e2ee_keys",
+        "0004_geofence_sites",
+    ]
 
 
 def test_a_directory_from_before_e2ee_keys_keeps_its_data(tmp_path: Path) -> None:
