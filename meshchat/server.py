@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -33,6 +34,7 @@ from meshchat.errors import ConfigError
 from meshchat.geofence import GeofenceWorker
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
     from pathlib import Path
     from types import TracebackType
 
@@ -216,105 +218,33 @@ class SiteServer:
         host = "127.0.0.1" if tcp.host in {"0.0.0.0", "", "::"} else tcp.host  # noqa: S104  # comparing, not binding
         return f"mqtt://{host}:{tcp.port}"
 
-    async def _start_directory_service(self) -> None:
-        """Answer clients on ``_s/dir`` and publish signed rosters and key records."""
-        name = DIRECTORY_SERVICE
-        transport = await self._stack.enter_async_context(
+    async def _service_transport(self, name: str, *, persistent: bool) -> Transport:
+        """A connection to the broker as the in-process service ``svc.NAME``."""
+        return await self._stack.enter_async_context(
             Transport(
                 self._service_url(),
                 client_id=f"{SERVICE_PREFIX}{name}",
                 username=f"{SERVICE_PREFIX}{name}",
                 password=self._service_tokens[name],
-                clean_session=True,
+                clean_session=not persistent,
             )
         )
-        assert self.watcher is not None
-        self.directory_service = DirectoryService(
-            self.data.path, transport, on_change=self.watcher.reload
-        )
-        task = asyncio.create_task(self.directory_service.run(), name="meshchat[dir-service]")
 
-        async def changed(_policy: AccessPolicy) -> None:
-            assert self.directory_service is not None
-            self.directory_service.directory_changed()
+    async def _run_service(
+        self,
+        what: str,
+        work: Coroutine[object, object, None],
+        ready: Coroutine[object, object, object] | None = None,
+    ) -> None:
+        """Run a service until the server stops; with `ready`, wait until it is ready first.
 
-        self.watcher.add_listener(changed)
+        A service that ends on its own is reported in one log line while the server runs on.
 
-        async def stop() -> None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-        self._stack.push_async_callback(stop)
-
-    async def _start_archive_service(self) -> None:
-        """Archive the org's envelopes into ``DATA/archive.db`` and answer history requests.
-
-        Its session is persistent (the client id stays ``svc.archive`` from run to run), so the
-        broker keeps for it what arrives while the server is down, and nothing is acknowledged
-        before it is committed.
+        Raises:
+            ConfigError: the service failed before it was ready.
         """
-        name = ARCHIVE_SERVICE
-        self._stack.enter_context(self.data.lock("archive"))
-        transport = await self._stack.enter_async_context(
-            Transport(
-                self._service_url(),
-                client_id=f"{SERVICE_PREFIX}{name}",
-                username=f"{SERVICE_PREFIX}{name}",
-                password=self._service_tokens[name],
-                clean_session=False,
-            )
-        )
-        watcher = self.watcher
-        assert watcher is not None
-        self.archiver = Archiver(
-            self.data.path / ARCHIVE_FILE,
-            transport,
-            org=watcher.policy.snapshot.org,
-            snapshot=lambda: watcher.policy.snapshot,
-            directory_file=self.directory_file,
-        )
-        task = asyncio.create_task(self.archiver.run(), name="meshchat[archive].loop")
-        task.add_done_callback(_report_archiver_end)
-
-        async def stop() -> None:
-            if task.done():
-                return  # it ended on its own; `_report_archiver_end` said why
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-        self._stack.push_async_callback(stop)
-        ready = asyncio.create_task(self.archiver.ready.wait(), name="meshchat[archive].ready")
-        try:
-            # Subscribed before `meshchat up` says it is ready: nothing sent after that is missed.
-            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise ConfigError(f"the archiver could not start: {task.exception()}")
-
-    async def _start_geofence_service(self) -> None:
-        """Follow OwnTracks phones (and GPS telemetry) and keep the site channels' members.
-
-        Its session is persistent (``svc.geofence``), so fixes sent while the server is down
-        wait for it; memberships change through the directory and the watcher's policy.
-        """
-        name = GEOFENCE_SERVICE
-        self._stack.enter_context(self.data.lock("geofence"))
-        transport = await self._stack.enter_async_context(
-            Transport(
-                self._service_url(),
-                client_id=f"{SERVICE_PREFIX}{name}",
-                username=f"{SERVICE_PREFIX}{name}",
-                password=self._service_tokens[name],
-                clean_session=False,
-            )
-        )
-        assert self.watcher is not None
-        self.geofence = GeofenceWorker(self.data.path, transport, on_change=self.watcher.reload)
-        task = asyncio.create_task(self.geofence.run(), name="meshchat[geofence].loop")
-        task.add_done_callback(_report_geofence_end)
+        task = asyncio.create_task(work, name=f"meshchat[{what}]")
+        task.add_done_callback(functools.partial(_report_end, what))
 
         async def stop() -> None:
             if not task.done():
@@ -323,13 +253,64 @@ class SiteServer:
                     await task
 
         self._stack.push_async_callback(stop)
-        ready = asyncio.create_task(self.geofence.wait_ready(), name="meshchat[geofence].ready")
+        if ready is None:
+            return
+        waiting = asyncio.create_task(ready, name=f"meshchat[{what}].ready")
         try:
-            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            ready.cancel()
+            waiting.cancel()
         if task.done() and not task.cancelled() and task.exception() is not None:
-            raise ConfigError(f"the geofence worker could not start: {task.exception()}")
+            raise ConfigError(f"the {what} could not start: {task.exception()}")
+
+    async def _start_directory_service(self) -> None:
+        """Answer clients on ``_s/dir`` and publish signed rosters and key records."""
+        transport = await self._service_transport(DIRECTORY_SERVICE, persistent=False)
+        watcher = self.watcher
+        assert watcher is not None
+        service = DirectoryService(self.data.path, transport, on_change=watcher.reload)
+        self.directory_service = service
+
+        async def changed(_policy: AccessPolicy) -> None:
+            service.directory_changed()
+
+        watcher.add_listener(changed)
+        await self._run_service("directory service", service.run())
+
+    async def _start_archive_service(self) -> None:
+        """Archive the org's envelopes into ``DATA/archive.db`` and answer history requests.
+
+        Its session is persistent (the client id stays ``svc.archive`` from run to run), so the
+        broker keeps for it what arrives while the server is down, and nothing is acknowledged
+        before it is committed. It is subscribed before `meshchat up` says it is ready, so
+        nothing sent after that is missed.
+        """
+        self._stack.enter_context(self.data.lock("archive"))
+        transport = await self._service_transport(ARCHIVE_SERVICE, persistent=True)
+        watcher = self.watcher
+        assert watcher is not None
+        archiver = Archiver(
+            self.data.path / ARCHIVE_FILE,
+            transport,
+            org=watcher.policy.snapshot.org,
+            snapshot=lambda: watcher.policy.snapshot,
+            directory_file=self.directory_file,
+        )
+        self.archiver = archiver
+        await self._run_service("archiver", archiver.run(), archiver.ready.wait())
+
+    async def _start_geofence_service(self) -> None:
+        """Follow OwnTracks phones (and GPS telemetry) and keep the site channels' members.
+
+        Its session is persistent (``svc.geofence``), so fixes sent while the server is down
+        wait for it; memberships change through the directory and the watcher's policy.
+        """
+        self._stack.enter_context(self.data.lock("geofence"))
+        transport = await self._service_transport(GEOFENCE_SERVICE, persistent=True)
+        assert self.watcher is not None
+        worker = GeofenceWorker(self.data.path, transport, on_change=self.watcher.reload)
+        self.geofence = worker
+        await self._run_service("geofence worker", worker.run(), worker.wait_ready())
 
     def _write_runtime_file(self) -> None:
         state = {"pid": os.getpid(), "listeners": [listener.url for listener in self.listeners]}
@@ -348,13 +329,7 @@ class SiteServer:
         await self._stack.aclose()
 
 
-def _report_archiver_end(task: asyncio.Task[None]) -> None:
-    """Say, in one line, why the archiver stopped while the server runs on."""
+def _report_end(what: str, task: asyncio.Task[None]) -> None:
+    """Say, in one line, why a service stopped while the server runs on."""
     if not task.cancelled() and task.exception() is not None:
-        logger.error("the archiver stopped: %s", task.exception())
-
-
-def _report_geofence_end(task: asyncio.Task[None]) -> None:
-    """Say, in one line, why the geofence worker stopped while the server runs on."""
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("the geofence worker stopped: %s", task.exception())
+        logger.error("the %s stopped: %s", what, task.exception())

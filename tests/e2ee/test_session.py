@@ -346,14 +346,14 @@ def test_a_policy_change_rotates_and_an_add_does_not(net: Net) -> None:
     a1 = net.sessions["a1"]
     net.send("a1", LINE1, "one")
     first = a1.outbound_chain(LINE1)
+    assert first is not None
     net.broadcast_roster(LINE1, "alice", "bob", "carol")
     net.send("a1", LINE1, "two")
-    assert a1.outbound_chain(LINE1) == (first[0], 2) if first else False
+    assert a1.outbound_chain(LINE1) == (first[0], 2)  # carol's arrival did not rotate
     net.broadcast_roster(LINE1, "alice", "bob", "carol", policy=2)
     net.send("a1", LINE1, "three")
     rotated = a1.outbound_chain(LINE1)
     assert rotated is not None
-    assert first is not None
     assert rotated[0] != first[0]
 
 
@@ -380,7 +380,8 @@ def test_a_new_device_gets_the_current_position_without_a_rotation(net: Net, org
     net.deliver_roster(LINE1, sign_current(org, LINE1), ["b2"])
     net.broadcast_record("bob")
     net.send("a1", LINE1, "two")
-    assert net.sessions["a1"].outbound_chain(LINE1) == ((chain[0], 2) if chain else None)
+    assert chain is not None
+    assert net.sessions["a1"].outbound_chain(LINE1) == (chain[0], 2)
     assert net.texts("b2") == ["two"]
 
 
