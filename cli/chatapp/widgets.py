@@ -11,6 +11,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
+from textual.visual import VisualType
 from textual.widgets import Input, Label, ListItem, ListView, Static
 
 from cli.chatapp.commands import COMMANDS
@@ -90,6 +91,11 @@ class MessageItem(ListItem):
         self.entry = entry
         self._me, self._now, self._tz = me, now, tz
         self.show()
+
+    @property
+    def body(self) -> VisualType:
+        """What the line shows (available before the line is mounted)."""
+        return self._body.content
 
     def show(self, entry: Entry | None = None, *, now: float | None = None) -> None:
         """Redraw, with a new version of the entry if given."""

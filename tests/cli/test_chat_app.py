@@ -90,7 +90,7 @@ def texts(app: ChatApp) -> list[str]:
     lines = []
     for item in app.view.items():
         with console.capture() as capture:
-            console.print(item.query_one(Static).content)
+            console.print(item.body)
         lines.append(" ".join(capture.get().split()))
     return lines
 
