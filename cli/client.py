@@ -40,16 +40,19 @@ from meshchat.client import (
     LinkChanged,
     Mention,
     Message,
+    OrderChanged,
     SiteNotice,
     Unreadable,
     default_device_name,
     login,
     open_profile,
 )
+from meshchat.client.core import group_topic, saved_groups
+from meshchat.client.handoff import hand_off
 from meshchat.client.store import ClientStore, StoredMessage
 from meshchat.directory import DIRECTORY_FILE, Directory
 from meshchat.e2ee import Inner, Kind
-from meshchat.errors import MeshchatError
+from meshchat.errors import BusyError, MeshchatError
 from meshchat.server import DEFAULT_ORG, RUNTIME_FILE
 from meshchat.timeutil import parse_duration
 
@@ -192,6 +195,32 @@ def _message_ref(text: str | None, what: str = "--reply") -> tuple[int, int] | N
     return int(chain), int(index)
 
 
+async def _deliver(
+    profile: DeviceProfile, broker: str | None, group: str, inner: Inner, wait: float
+) -> tuple[bool, str]:
+    """Send one message and wait for the broker: (delivered, why not)."""
+    try:
+        client = Client(profile, broker=broker)
+    except BusyError as exc:  # a `tail` or `chat` runs on this profile: it sends for us
+        if await hand_off(profile, group, inner, wait=wait):
+            return True, ""
+        return False, (
+            f"the meshchat process using this profile (pid {exc.pid}) has not sent it "
+            f"within {wait:.0f} s"
+        )
+    async with client:
+        await client.send_inner(group, inner)
+        try:
+            async with asyncio.timeout(wait):
+                await client.flush()
+        except TimeoutError:
+            reason = client.waiting_for.get(group)
+            if reason is None:
+                reason = f"no acknowledgement from the broker within {wait:.0f} s"
+            return False, reason
+        return True, ""
+
+
 def send(
     group: GroupArgument,
     text: Annotated[str, typer.Argument(help="The message (markdown).")],
@@ -226,20 +255,7 @@ def send(
     else:
         inner = Inner(Kind.TEXT, now, (text,))
 
-    async def work() -> tuple[bool, str]:
-        async with Client(profile, broker=broker) as client:
-            await client.send_inner(group, inner)
-            try:
-                async with asyncio.timeout(wait):
-                    await client.flush()
-            except TimeoutError:
-                reason = client.waiting_for.get(group)
-                if reason is None:
-                    reason = f"no acknowledgement from the broker within {wait:.0f} s"
-                return False, reason
-            return True, ""
-
-    delivered, reason = _run(work)
+    delivered, reason = _run(lambda: _deliver(profile, broker, group, inner, wait))
     if json_output:
         emit_json({"group": group, "sent": delivered} | ({"reason": reason} if reason else {}))
     elif delivered:
@@ -294,7 +310,17 @@ def _event_json(event: ClientEvent) -> dict[str, object]:  # noqa: PLR0911  # on
             }
         case SiteNotice():
             return {"event": "notice", "group": event.group, "kind": event.kind, "text": event.text}
-    return {"event": "link", "state": event.state.value, "queued": event.queued}
+        case LinkChanged():
+            return {"event": "link", "state": event.state.value, "queued": event.queued}
+        case OrderChanged(order=order):
+            return {
+                "event": "order",
+                "id": order.order_id,
+                "device": order.device,
+                "state": order.state.value,
+                "reason": order.reason,
+            }
+    return {"event": "presence", "user": event.user, "device": event.device, "online": event.online}
 
 
 def _clock(ts: float) -> str:
@@ -468,17 +494,9 @@ def ack(
     target = _message_ref(message, "message id")
     assert target is not None
 
-    async def work() -> bool:
-        async with Client(profile, broker=broker) as client:
-            await client.ack(group, target)
-            try:
-                async with asyncio.timeout(wait):
-                    await client.flush()
-            except TimeoutError:
-                return False
-            return True
-
-    if not _run(work):
+    inner = Inner(Kind.ACK, int(time.time()), (target,))
+    delivered, _ = _run(lambda: _deliver(profile, broker, group, inner, wait))
+    if not delivered:
         err_console.print(
             "[bold yellow]not sent yet:[/] the acknowledgement is queued and goes out with the "
             "next `meshchat send`, `tail` or `chat`.",
@@ -508,7 +526,13 @@ def acks(
     assert target is not None
 
     async def work() -> list[str] | None:
-        async with Client(profile, broker=broker, send_receipts=False) as client:
+        try:
+            client = Client(profile, broker=broker, send_receipts=False)
+        except BusyError:  # the running client keeps the profile's store up to date
+            with ClientStore(profile.store_path) as store:
+                topic = group_topic(profile.org, saved_groups(store), profile.user, group)
+                return store.unacknowledged(topic, target)
+        async with client:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(catch_up):
                     async for _ in client.events():

@@ -6,6 +6,7 @@ MeshchatError
 ├── EnvelopeError       an envelope cannot be encoded or decoded (malformed, oversize, unsupported)
 │   └── TelemetryError      a device's status report or GPS fix fails its schema (field named)
 ├── ConfigError         a setting, a file or the data directory is unusable
+│   └── BusyError           another process holds the data directory or device profile
 ├── BrokerError         the embedded broker cannot start or stop
 │   └── AddressInUseError   the port the broker should listen on is taken
 ├── TransportError      the MQTT link cannot take or deliver a message (outbox full, closed, ...)
@@ -36,6 +37,7 @@ __all__ = [
     "AuditChainError",
     "AuthenticationError",
     "BrokerError",
+    "BusyError",
     "ConfigError",
     "DecryptError",
     "DirectoryError",
@@ -92,6 +94,15 @@ class TelemetryError(EnvelopeError):
 
 class ConfigError(MeshchatError):
     """A setting, an input file or the data directory cannot be used."""
+
+
+class BusyError(ConfigError):
+    """Another process holds an exclusive lock: a data directory or a device profile."""
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        """Create the error; `pid` is the holder's process id when it is known."""
+        super().__init__(message)
+        self.pid = pid
 
 
 class BrokerError(MeshchatError):

@@ -30,10 +30,11 @@ from typing import Final, Self
 
 from meshchat.client.dispatch import DISPATCH_FILE, DispatchLedger, LedgerOrder
 from meshchat.client.fleet import Fleet
-from meshchat.client.profile import DeviceProfile
+from meshchat.client.profile import LOCK_FILE, DeviceProfile
 from meshchat.client.store import ClientStore, StoredMessage
 from meshchat.client.transport import Transport
 from meshchat.client.values import Backoff, Publication, StateChange, TransportState
+from meshchat.datadir import exclusive_lock
 from meshchat.device.orders import OrderState, new_order_id, order_inner, state_inner
 from meshchat.device.telemetry import seal_key_request
 from meshchat.e2ee import (
@@ -98,6 +99,8 @@ INBOX_SYNCED_KEY: Final = "inbox-synced"
 ONLINE: Final = b"online"
 OFFLINE: Final = b"offline"
 READY_TIMEOUT: Final = 3.0
+HANDOFF_POLL: Final = 0.2
+"""Seconds between looks for messages other processes queued in this profile's outbox."""
 """Seconds to wait for members' key records before sealing anyway (they get it later)."""
 MAX_EVENTS: Final = 10_000
 RECALL_WINDOW: Final = 2 * 3600
@@ -197,6 +200,41 @@ ClientEvent = (
 )
 
 
+def check_may_send(session: DeviceSession, topic: str, *, now: float) -> None:
+    """Refuse a message the group's current roster forbids (not a member, announcements).
+
+    A missing or expired roster does not refuse: the message waits for a fresh one.
+
+    Raises:
+        PermissionDeniedError: the current roster says this user may not post.
+    """
+    roster = session.rosters.current(topic)
+    why_not = session.may_send(topic, now=now)
+    if roster is not None and why_not is not None and now < roster.expires_at:
+        raise PermissionDeniedError(
+            f"cannot send: {why_not}", actor=session.user, permission="group.post"
+        )
+
+
+def group_topic(org: str, groups: Iterable[str], user: str, group: str) -> str:
+    """The topic of `group` (``dept/name``) if `user` follows it.
+
+    Raises:
+        NotFoundError: the user is not in that group.
+    """
+    known = sorted(groups)
+    if group not in known:
+        raise NotFoundError(f"{user} is not in {group} (groups: {', '.join(known) or 'none'})")
+    dept, name = group.split("/", 1)
+    return GroupTopic(org, dept, name).topic
+
+
+def saved_groups(store: ClientStore) -> list[str]:
+    """The groups a profile followed when its client last heard from the directory."""
+    raw = store.get(GROUPS_KEY)
+    return [] if not raw else [g for g in raw.decode("utf-8").split("\n") if g]
+
+
 def _group_path(topic: str) -> str:
     parsed = parse_topic(topic)
     assert isinstance(parsed, GroupTopic)
@@ -231,15 +269,38 @@ class Client:
             send_receipts: send "delivered" receipts for messages read here (batched).
             receipt_interval: seconds a batch of receipts collects before it goes out.
 
+        One process at a time uses a profile: the client holds the profile's lock from here
+        until it exits. Short-lived commands that find it held hand their messages to the
+        running client through the store's outbox instead (`meshchat.client.handoff`).
+
         Raises:
+            BusyError: another process (or another `Client`) uses this profile now.
             ConfigError: the profile is damaged or its store unusable.
         """
-        self.profile = profile
-        self.org = profile.org
-        self._clock = clock
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(
+            exclusive_lock(profile.path / LOCK_FILE, f"device profile {profile.user!r}")
+        )
+        try:
+            self._prepare(profile, broker, clock, backoff, ready_timeout)
+        except BaseException:
+            self._lock.close()
+            raise
         self.recall_window = recall_window
         self.send_receipts = send_receipts
         self.receipt_interval = receipt_interval
+
+    def _prepare(
+        self,
+        profile: DeviceProfile,
+        broker: str | None,
+        clock: Callable[[], float],
+        backoff: Backoff | None,
+        ready_timeout: float,
+    ) -> None:
+        self.profile = profile
+        self.org = profile.org
+        self._clock = clock
         self._receipt_batches: dict[str, list[tuple[int, int]]] | None = {}
         self._receipts_due = asyncio.Event()
         self._ready_timeout = ready_timeout
@@ -309,8 +370,10 @@ class Client:
             await self.transport.__aenter__()
         except BaseException:
             self.store.close()
+            self._lock.close()
             raise
         self._start(self._consume(), "consume")
+        self._start(self._watch_store(), "handoff")
         self._start(self._watch_link(), "link")
         self._start(self._send_loop(), "send")
         self._start(self._receipt_loop(), "receipts")
@@ -342,10 +405,25 @@ class Client:
         await self.transport.__aexit__(None, None, None)
         self.store.close()
         self.dispatch.close()
+        self._lock.close()
+
+    async def _watch_store(self) -> None:
+        """Send what other processes queued in this profile's outbox (`meshchat send` hands off).
+
+        SQLite's ``data_version`` changes only when another connection commits, so this costs
+        one pragma per tick while nothing happens.
+        """
+        seen = self.store.data_version()
+        while True:
+            await asyncio.sleep(HANDOFF_POLL)
+            version = self.store.data_version()
+            if version != seen:
+                seen = version
+                self._outbox_changed.set()
+                self._emit(LinkChanged(self.state, self.queued))
 
     def _saved_groups(self) -> list[str]:
-        raw = self.store.get(GROUPS_KEY)
-        return [] if not raw else [g for g in raw.decode("utf-8").split("\n") if g]
+        return saved_groups(self.store)
 
     def _save_groups(self) -> None:
         self.store.put(GROUPS_KEY, "\n".join(sorted(self._groups)).encode("utf-8"))
@@ -838,11 +916,7 @@ class Client:
     # ----------------------------------------------------------------------------- sending
 
     def _topic(self, group: str) -> str:
-        if group not in self._groups:
-            known = ", ".join(self.groups) or "none"
-            raise NotFoundError(f"{self.profile.user} is not in {group} (groups: {known})")
-        dept, name = group.split("/", 1)
-        return GroupTopic(self.org, dept, name).topic
+        return group_topic(self.org, self._groups, self.profile.user, group)
 
     async def send(self, group: str, text: str, *, kind: Kind = Kind.TEXT) -> int:
         """Queue a text message (``dept/name``); returns its outbox id at once.
@@ -863,12 +937,7 @@ class Client:
                 does not refuse: the message waits for a fresh one (see `waiting_for`).
         """
         topic = self._topic(group)
-        roster = self.session.rosters.current(topic)
-        why_not = self.session.may_send(topic, now=self._clock())
-        if roster is not None and why_not is not None and self._clock() < roster.expires_at:
-            raise PermissionDeniedError(
-                f"cannot send: {why_not}", actor=self.profile.user, permission="group.post"
-            )
+        check_may_send(self.session, topic, now=self._clock())
         item = self.store.enqueue(topic, encode_inner(inner))
         self._outbox_changed.set()
         self._emit(LinkChanged(self.state, self.queued))

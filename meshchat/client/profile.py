@@ -5,7 +5,8 @@
 - ``profile.json``: org, user, device name, broker URL and the org root's fingerprint;
 - ``keys/``: a `KeyStore` with the device's Ed25519 and X25519 secrets and its broker token
   (0600 each), and the org's public trust bundle;
-- ``client.db``: the `ClientStore` (session state, outbox, decrypted messages).
+- ``client.db``: the `ClientStore` (session state, outbox, decrypted messages);
+- ``client.lock``: held by the one process whose `Client` uses the profile (its pid inside).
 
 The client machine never sees the server's files: everything here came from the device itself
 or, at login, from the directory service.
@@ -22,7 +23,14 @@ from meshchat.e2ee import BoxKeyPair, KeyStore, OrgTrust, SigningKeyPair
 from meshchat.errors import ConfigError, EnvelopeError, NotFoundError, TopicError
 from meshchat.topics import validate_name
 
-__all__ = ["PROFILES_DIR", "DeviceProfile", "list_profiles", "open_profile"]
+__all__ = [
+    "LOCK_FILE",
+    "PROFILES_DIR",
+    "STORE_FILE",
+    "DeviceProfile",
+    "list_profiles",
+    "open_profile",
+]
 
 PROFILES_DIR: Final = "profiles"
 _PROFILE_FILE: Final = "profile.json"
@@ -31,6 +39,7 @@ _BOX: Final = "device.box"
 _TOKEN: Final = "device.token"  # noqa: S105  # a file name
 _TRUST: Final = "trust.bin"
 STORE_FILE: Final = "client.db"
+LOCK_FILE: Final = "client.lock"
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,9 @@ _WORD: Final = re.compile(r"\w+", re.UNICODE)
 _MAX_SEARCH_WORDS: Final = 16
 
 # Message kinds as stored (the values of meshchat.e2ee.Kind; the store does not import e2ee).
-TEXT, REPLY, EDIT, RECALL, URGENT = 0, 1, 2, 3, 8
+TEXT, REPLY, EDIT, RECALL, REACT, RECEIPT, URGENT, ACK = 0, 1, 2, 3, 4, 5, 8, 9
+_META: Final = (EDIT, RECALL, REACT, RECEIPT, ACK)
+"""Kinds about another message: folded into it, not listed as messages of their own."""
 
 
 @MIGRATIONS(name="0001_initial")
@@ -164,6 +166,16 @@ class ClientStore:
     def __exit__(self, *exc_info: object) -> None:
         """Close on exit."""
         self.close()
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to this store."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+    def pending(self, item_id: int) -> bool:
+        """Whether an outbox item still waits for the broker's acknowledgement."""
+        return (
+            self.db.execute("SELECT 1 FROM outbox WHERE id = ?", (item_id,)).fetchone() is not None
+        )
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -447,11 +459,12 @@ class ClientStore:
             since: only messages sent at or after (unix seconds).
             until: only messages sent before.
             limit: at most this many (the newest ones).
-            include_meta: also edits and recalls themselves (normally folded into their target).
+            include_meta: also edits, recalls, reactions, receipts and acknowledgements
+                themselves (normally folded into the message they are about).
         """
         where, args = self._range(group_topic, since, until)
         if not include_meta:
-            where.append(f"kind NOT IN ({EDIT}, {RECALL})")
+            where.append(f"kind NOT IN ({', '.join(map(str, _META))})")
         sql = (
             f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where) or '1'} "  # noqa: S608  # fixed column and clause strings
             "ORDER BY ts DESC, rowid DESC LIMIT ?"

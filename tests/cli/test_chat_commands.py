@@ -133,3 +133,51 @@ def test_urgent_notice_ack_and_acks(server: Path) -> None:
     bad = meshchat(server, "ack", "--as", "alice", "ops/general", "not-an-id")
     assert bad.returncode == 2
     assert "CHAIN:INDEX" in bad.stderr
+
+
+def _tail(server: Path, user: str) -> tuple[subprocess.Popen[str], LineReader]:
+    tail = subprocess.Popen(
+        [MESHCHAT, "tail", "--as", user, "ops/general", "--json", "--data", str(server)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=ENV,
+    )
+    assert tail.stdout is not None
+    reader = LineReader(tail.stdout)
+    read_line_matching(reader, '"event": "link"', timeout=30)
+    return tail, reader
+
+
+def test_send_hands_its_message_to_the_client_running_on_the_same_profile(server: Path) -> None:
+    for user in ("alice", "bob"):
+        done = meshchat(server, "login", user, "--password-stdin", stdin=f"{user} passphrase\n")
+        assert done.returncode == 0, done.stderr
+    alice, alice_reads = _tail(server, "alice")
+    bob, bob_reads = _tail(server, "bob")
+    try:
+        sent = meshchat(server, "send", "--as", "bob", "ops/general", "forklift 2 is free")
+        assert sent.returncode == 0, sent.stderr
+        assert "Sent to ops/general" in sent.stdout
+        line, _ = read_line_matching(alice_reads, "forklift 2", timeout=30)
+        assert json.loads(line)["sender"] == "bob"
+        # Bob's tail kept its session: it still reads what alice sends.
+        assert meshchat(server, "send", "--as", "alice", "ops/general", "thanks").returncode == 0
+        line, _ = read_line_matching(bob_reads, "thanks", timeout=30)
+        assert json.loads(line)["sender"] == "alice"
+        # A second live client on the profile is refused with one line naming the holder.
+        second = meshchat(server, "history", "--as", "bob", "ops/general", "--fetch")
+        assert second.returncode == 1
+        assert f"in use by another meshchat process (pid {bob.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        for tail, reader in ((alice, alice_reads), (bob, bob_reads)):
+            tail.terminate()
+            tail.wait(timeout=20)
+            reader.rest()
+    # Bob's own message was sent exactly once, by his tail's client.
+    mine = meshchat(server, "history", "--as", "alice", "ops/general", "--json")
+    assert [(m["kind"], m["text"]) for m in json.loads(mine.stdout)] == [
+        ("text", "forklift 2 is free"),
+        ("text", "thanks"),
+    ]

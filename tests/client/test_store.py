@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshchat.client.store import EDIT, RECALL, TEXT, ClientStore
+from meshchat.client.store import ACK, EDIT, REACT, RECALL, RECEIPT, TEXT, URGENT, ClientStore
 from meshchat.errors import ConfigError
 
 G1 = "mc/acme/ops/line1"
@@ -122,6 +122,19 @@ def test_history_returns_the_newest_messages_oldest_first(tmp_path: Path) -> Non
             add(store, index, f"m{index}")
         assert [m.body for m in store.history(G1, limit=3)] == ["m7", "m8", "m9"]
         assert [m.body for m in store.history(G1, since=1005)] == ["m5", "m6", "m7", "m8", "m9"]
+
+
+def test_history_lists_messages_not_the_reactions_receipts_and_acks_about_them(
+    tmp_path: Path,
+) -> None:
+    with ClientStore(tmp_path / "c.db") as store:
+        add(store, 0, "dock 4 closed", kind=URGENT)
+        add(store, 1, "+1", kind=REACT, sender="bob", target=(7, 0))
+        add(store, 2, "", kind=RECEIPT, sender="bob")
+        add(store, 3, "", kind=ACK, sender="bob", target=(7, 0))
+        add(store, 4, "noted")
+        assert [m.body for m in store.history(G1)] == ["dock 4 closed", "noted"]
+        assert len(store.history(G1, include_meta=True)) == 5
 
 
 def test_unreadable_messages_keep_their_reason(tmp_path: Path) -> None:
