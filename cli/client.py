@@ -40,7 +40,6 @@ from meshchat.client import (
     LinkChanged,
     Mention,
     Message,
-    OrderChanged,
     SiteNotice,
     Unreadable,
     default_device_name,
@@ -310,17 +309,7 @@ def _event_json(event: ClientEvent) -> dict[str, object]:  # noqa: PLR0911  # on
             }
         case SiteNotice():
             return {"event": "notice", "group": event.group, "kind": event.kind, "text": event.text}
-        case LinkChanged():
-            return {"event": "link", "state": event.state.value, "queued": event.queued}
-        case OrderChanged(order=order):
-            return {
-                "event": "order",
-                "id": order.order_id,
-                "device": order.device,
-                "state": order.state.value,
-                "reason": order.reason,
-            }
-    return {"event": "presence", "user": event.user, "device": event.device, "online": event.online}
+    return {"event": "link", "state": event.state.value, "queued": event.queued}
 
 
 def _clock(ts: float) -> str:
@@ -392,6 +381,38 @@ def tail(
     _run(work)
 
 
+async def _fetch(
+    profile: DeviceProfile, broker: str | None, group: str, since: float | None
+) -> None:
+    """Fetch a group's older messages from the archiver into the profile's store."""
+    try:
+        client = Client(profile, broker=broker)
+    except BusyError as exc:
+        err_console.print(
+            f"[bold yellow]not fetched:[/] {exc}; showing this device's local copy, "
+            "which that process keeps up to date.",
+            soft_wrap=True,
+        )
+        return
+    async with client:
+        try:
+            async with asyncio.timeout(30):
+                await client.fetch_history(group, since=since)
+        except TimeoutError:
+            err_console.print(
+                "[bold yellow]not fetched:[/] the archiver did not answer within 30 s; "
+                "showing this device's local copy.",
+                soft_wrap=True,
+            )
+            return
+        # Keys this device lacked are on their way from their senders: a moment.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                async for _ in client.events():
+                    if not client.session.pending:
+                        break
+
+
 def history(
     group: GroupArgument,
     as_user: AsUserOption = None,
@@ -423,19 +444,7 @@ def history(
     except MeshchatError as exc:
         fail(f"--since: {exc}", code=2)
     if fetch:
-
-        async def work() -> None:
-            async with Client(profile, broker=broker) as client:
-                async with asyncio.timeout(30):
-                    await client.fetch_history(group, since=cutoff)
-                # Keys this device lacked are on their way from their senders: a moment.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(5):
-                        async for _ in client.events():
-                            if not client.session.pending:
-                                break
-
-        _run(work)
+        _run(lambda: _fetch(profile, broker, group, cutoff))
     dept, _, name = group.partition("/")
     topic = f"mc/{profile.org}/{dept}/{name}"
     with ClientStore(profile.store_path) as store:

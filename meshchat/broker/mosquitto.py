@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from meshchat.broker.core import DEFAULT_MAX_OFFLINE_QUEUE
 from meshchat.directory.model import Role, User, UserStatus
 from meshchat.directory.policy import (
     AccessPolicy,
@@ -388,6 +389,10 @@ def _conf(options: MosquittoOptions, org: str) -> str:
         # Mosquitto appends the file name to this path, so it must end in a slash.
         f"persistence_location {_config_path(options.persistence_path, 'persistence path')}/",
         f"max_packet_size {MOSQUITTO_MAX_PACKET_SIZE}",
+        # Mosquitto keeps 1000 QoS 1 messages per offline session by default and drops the
+        # rest: a field device back from a shift would miss most of a busy group's traffic.
+        # Keep as many as the embedded broker does.
+        f"max_queued_messages {DEFAULT_MAX_OFFLINE_QUEUE}",
     ]
     if options.run_as is not None:
         lines.append(f"user {options.run_as}")

@@ -31,6 +31,7 @@ from meshchat.broker import (
     MosquittoOptions,
     mosquitto_files,
 )
+from meshchat.broker.core import DEFAULT_MAX_OFFLINE_QUEUE
 from meshchat.datadir import DataDir
 from meshchat.directory import (
     AccessPolicy,
@@ -241,6 +242,7 @@ def test_conf_enforces_logins_and_names_its_files(world: World, tmp_path: Path) 
         "persistence true",
         f"persistence_location {out}/persistence/",
         f"max_packet_size {MOSQUITTO_MAX_PACKET_SIZE}",
+        f"max_queued_messages {DEFAULT_MAX_OFFLINE_QUEUE}",
         "user mqtt",
         f"certfile {cert}",
         f"keyfile {key}",
@@ -633,3 +635,42 @@ async def test_offboarding_reaches_mosquitto_on_redeploy_and_sighup(tmp_path: Pa
         with pytest.raises(aiomqtt.MqttCodeError):
             async with mosquitto.client("carol"):
                 pass
+
+
+async def test_a_burst_to_an_offline_member_waits_whole_on_mosquitto(
+    world: World, tmp_path: Path
+) -> None:
+    """A shift's worth of group traffic waits for an offline device (Mosquitto keeps 1000)."""
+    burst = 2500
+    with deployed_mosquitto(world, tmp_path) as mosquitto:
+        async with aiomqtt.Client(
+            "127.0.0.1",
+            mosquitto.port,
+            username="carol",
+            password=world.secret("carol"),
+            identifier="carol",
+            clean_session=False,
+            timeout=DEADLINE,
+        ) as carol:
+            await carol.subscribe(G, qos=1)
+        async with mosquitto.client("bob") as bob:
+            for index in range(burst):
+                await bob.publish(G, str(index).encode(), qos=1)
+        received: set[bytes] = set()
+        async with aiomqtt.Client(
+            "127.0.0.1",
+            mosquitto.port,
+            username="carol",
+            password=world.secret("carol"),
+            identifier="carol",
+            clean_session=False,
+            timeout=DEADLINE,
+        ) as carol:
+            with contextlib.suppress(TimeoutError):  # the count below says what was lost
+                async with asyncio.timeout(60):
+                    async for message in carol.messages:
+                        assert isinstance(message.payload, bytes)
+                        received.add(message.payload)
+                        if len(received) == burst:
+                            break
+        assert len(received) == burst

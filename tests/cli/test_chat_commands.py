@@ -166,10 +166,15 @@ def test_send_hands_its_message_to_the_client_running_on_the_same_profile(server
         line, _ = read_line_matching(bob_reads, "thanks", timeout=30)
         assert json.loads(line)["sender"] == "alice"
         # A second live client on the profile is refused with one line naming the holder.
-        second = meshchat(server, "history", "--as", "bob", "ops/general", "--fetch")
+        second = meshchat(server, "tail", "--as", "bob", "ops/general")
         assert second.returncode == 1
         assert f"in use by another meshchat process (pid {bob.pid})" in second.stderr
         assert "Traceback" not in second.stderr
+        # history --fetch says it cannot fetch and shows the local copy.
+        local = meshchat(server, "history", "--as", "bob", "ops/general", "--fetch", "--json")
+        assert local.returncode == 0, local.stderr
+        assert "not fetched" in local.stderr
+        assert "thanks" in [m["text"] for m in json.loads(local.stdout)]
     finally:
         for tail, reader in ((alice, alice_reads), (bob, bob_reads)):
             tail.terminate()
