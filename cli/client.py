@@ -40,6 +40,7 @@ from meshchat.client import (
     LinkChanged,
     Mention,
     Message,
+    OrderChanged,
     SiteNotice,
     Unreadable,
     default_device_name,
@@ -309,7 +310,17 @@ def _event_json(event: ClientEvent) -> dict[str, object]:  # noqa: PLR0911  # on
             }
         case SiteNotice():
             return {"event": "notice", "group": event.group, "kind": event.kind, "text": event.text}
-    return {"event": "link", "state": event.state.value, "queued": event.queued}
+        case LinkChanged():
+            return {"event": "link", "state": event.state.value, "queued": event.queued}
+        case OrderChanged(order=order):
+            return {
+                "event": "order",
+                "id": order.order_id,
+                "device": order.device,
+                "state": order.state.value,
+                "reason": order.reason,
+            }
+    return {"event": "presence", "user": event.user, "device": event.device, "online": event.online}
 
 
 def _clock(ts: float) -> str:

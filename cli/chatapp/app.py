@@ -19,7 +19,7 @@ from cli.chatapp.commands import Command, CommandError, parse
 from cli.chatapp.model import Entry, waiting_acks
 from cli.chatapp.view import ChatView
 from cli.chatapp.widgets import GroupItem, HelpScreen, MessageItem, SearchScreen
-from meshchat.client import StoredMessage
+from meshchat.client import StoredMessage, TransportState
 from meshchat.e2ee import Kind
 from meshchat.errors import MeshchatError, TopicError
 from meshchat.topics import GroupTopic, parse_topic
@@ -33,8 +33,12 @@ KEYS: Final = [
     ("ctrl+g", "next group with unread messages"),
     ("ctrl+f", "search"),
     ("ctrl+o", "acknowledge the urgent notice waiting for you"),
-    ("pgup / pgdn", "scroll; pgup at the top loads older messages"),
-    ("esc", "pick a message: r reply, e edit, x recall, a ack"),
+    (
+        "pgup / pgdn",
+        "scroll; at the top, pgup loads older messages (this device, then the archive)",
+    ),
+    ("esc", "pick a message: r reply, e edit, x recall, a ack, + react, i or esc back"),
+    ("enter", "on a picked message: reply to it"),
     ("tab", "composer, messages and groups in turn"),
     ("f1", "this help"),
     ("ctrl+q", "quit"),
@@ -72,7 +76,7 @@ class ChatApp(ChatView):
             return
         event.input.value = ""
 
-    async def run_command(self, command: Command) -> None:  # noqa: C901  # one per command
+    async def run_command(self, command: Command) -> None:  # noqa: C901, PLR0912  # one per command
         """Carry out one composer line.
 
         Raises:
@@ -85,16 +89,21 @@ class ChatApp(ChatView):
             case "search":
                 self._search(command)
             case "who":
-                await self._note(self._who())
+                await self._show_who()
             case "join":
                 await self._join(command.text)
             case "leave":
-                group = self._group()
-                await self._note(
-                    f"Leaving {group} is done by its manager or an admin: ask them to run "
-                    f"`meshchat group remove {group} {self.me}`. This app cannot change "
-                    "memberships; the group disappears from the list as soon as they do."
-                )
+                self._membership("leave", command.text or self._group())
+            case "react":
+                group, target = self._react_target(command.ref)
+                await self.client.react(group, target, command.text)
+            case "dispatch":
+                if self.client.session.keys.owner(command.device) is None:
+                    raise CommandError(
+                        f"unknown device {command.device!r}: no key record lists it "
+                        "(`meshchat device list` shows the devices)"
+                    )
+                await self.client.send_order(command.device, command.text)
             case "say":
                 group = self._group()
                 outbox = await self.client.send(group, command.text)
@@ -157,26 +166,76 @@ class ChatApp(ChatView):
             raise CommandError(f"no urgent notice in {group} waits for your acknowledgement")
         return group, waiting[-1]
 
-    def _who(self) -> str:
+    def _react_target(self, ref: int | None) -> tuple[str, tuple[int, int]]:
+        """#N, else the picked message, else the latest one in the open group."""
+        if ref is not None:
+            return self._target(ref, mine=False, what="react to")
+        group = self._group()
+        picked = self._picked()
+        candidates = [picked] if picked is not None else []
+        candidates += [item.entry for item in reversed(self.view.items())]
+        for entry in candidates:
+            if entry.message_id is not None and not entry.unreadable and not entry.recalled:
+                return group, entry.message_id
+        raise CommandError(f"no message in {group} to react to")
+
+    async def _show_who(self) -> None:
+        """The members and their presence; the line changes as people come and go."""
         group = self._group()
         roster = self.client.session.rosters.current(self._topic(group))
-        if roster is None:
-            return f"The member list of {group} has not arrived yet (it comes from the server)."
-        names = [
-            f"{m} (may post announcements)" if m in roster.announcers else m for m in roster.members
-        ]
-        return f"{len(names)} members of {group}: {', '.join(names)}."
+        self._who = await self._note(self.who_text(group))
+        if roster is not None and self.client.state is TransportState.CONNECTED:
+            # Their devices' presence is retained: it arrives at once and updates the line.
+            self.run_worker(
+                self._watch_presence(roster.members),
+                name="meshchat[chat].presence",
+                group="presence",
+                exit_on_error=False,
+            )
+
+    async def _watch_presence(self, members: tuple[str, ...]) -> None:
+        try:
+            await self.client.watch_presence(members)
+        except MeshchatError as exc:
+            self.notify(f"presence is not available: {exc}", severity="warning", markup=False)
 
     async def _join(self, group: str) -> None:
         if group in self.client.groups:
             await self.open_group(group)
             return
-        await self._note(
-            f"{self.me} is not in {group}. In meshchat, memberships are kept by the org's "
-            f"directory: a manager of the department or an admin adds you with `meshchat group "
-            f"add {group} {self.me}`, and the group shows up here by itself. (If {group} does "
-            "not exist, they create it first with `meshchat group create`.)"
+        self._membership("join", group)
+
+    def _membership(self, op: str, group: str) -> None:
+        """Ask the directory to join or leave a group, without holding up the screen."""
+        if op == "leave" and group not in self.client.groups:
+            raise CommandError(f"{self.me} is not in {group}: there is nothing to leave")
+        if self.client.state is not TransportState.CONNECTED:
+            raise CommandError(f"offline: /{op} needs the directory; try again when connected")
+        self.run_worker(
+            self._change_membership(op, group),
+            name="meshchat[chat].membership",
+            group="dir",
+            exit_on_error=False,
         )
+
+    async def _change_membership(self, op: str, group: str) -> None:
+        change = self.client.join if op == "join" else self.client.leave
+        try:
+            groups = await change(group)
+        except MeshchatError as exc:
+            self.notify(str(exc), title=f"/{op} {group}: not done", severity="error", markup=False)
+            await self._note(f"/{op} {group} was refused: {exc}")
+            return
+        await self._set_groups(groups)
+        if op == "join":
+            if group in groups:
+                await self.open_group(group)
+            await self._note(f"You joined {group}.")
+        else:
+            await self._note(
+                f"You left {group}. Its keys rotate before the next message: you cannot read "
+                "what is said there from now on."
+            )
 
     def _search(self, command: Command) -> None:
         now = self._now()

@@ -24,9 +24,11 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "search": ("/search WORDS [since:2d]", "search all groups here; also until:12h"),
     "urgent": ("/urgent TEXT", "an urgent notice that members acknowledge"),
     "ack": ("/ack [#N]", "acknowledge urgent notice #N (or the latest)"),
-    "who": ("/who", "who is in this group"),
-    "join": ("/join DEPT/GROUP", "open a group of yours, or how to be added"),
-    "leave": ("/leave", "how to leave this group"),
+    "react": ("/react [#N] EMOJI", "react to #N (default: the picked message, or the latest)"),
+    "who": ("/who", "this group's members: online, offline, last seen"),
+    "join": ("/join DEPT/GROUP", "open a group of yours, or join one (managers, admins)"),
+    "leave": ("/leave [DEPT/GROUP]", "leave this group (or the one named)"),
+    "dispatch": ("/dispatch DEVICE TEXT", "send a work order; its answers show here"),
     "help": ("/help", "keys and commands"),
 }
 """Each command's usage and what it does, in the order the help screen lists them."""
@@ -34,6 +36,9 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
 _REF: Final = re.compile(r"#(\d{1,9})")
 _BARE_REF: Final = re.compile(r"#?(\d{1,9})")
 _RANGE: Final = re.compile(r"(since|until):(\S+)")
+_DEVICE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+MAX_EMOJI: Final = 16
+"""Characters a reaction may have (an emoji, or a short word like +1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +47,9 @@ class Command:
 
     Attributes:
         name: ``say`` for plain text, else the command's name (``reply``, ``edit``, ...).
-        text: the text to send, the words to search for, or the group to join.
+        text: the text to send, the words to search for, the group to join or leave, the
+            emoji to react with, or a work order's text.
+        device: for a work order, the device it goes to.
         ref: the message number (``#N``) the command names, if it names one.
         since: for a search, only messages newer than this many seconds.
         until: for a search, only messages older than this many seconds.
@@ -53,6 +60,7 @@ class Command:
     ref: int | None = None
     since: int | None = None
     until: int | None = None
+    device: str = ""
 
 
 def parse(line: str) -> Command:
@@ -96,6 +104,25 @@ def _join(name: str, rest: str) -> Command | None:
     return Command(name, rest.lower()) if rest.count("/") == 1 and " " not in rest else None
 
 
+def _leave(name: str, rest: str) -> Command | None:
+    return Command(name) if not rest else _join(name, rest)
+
+
+def _react(name: str, rest: str) -> Command | None:
+    ref, emoji = _leading_ref(rest, _REF)
+    if not emoji or " " in emoji or len(emoji) > MAX_EMOJI:
+        return None
+    return Command(name, emoji, ref)
+
+
+def _dispatch(name: str, rest: str) -> Command | None:
+    device, _, text = rest.partition(" ")
+    device, text = device.lower(), text.strip()
+    if not text or not _DEVICE.fullmatch(device):
+        return None
+    return Command(name, text, device=device)
+
+
 def _bare(name: str, rest: str) -> Command | None:
     return None if rest else Command(name)
 
@@ -129,5 +156,8 @@ _PARSERS: Final[dict[str, Callable[[str, str], Command | None]]] = {
     "urgent": _urgent,
     "search": _search,
     "join": _join,
+    "leave": _leave,
+    "react": _react,
+    "dispatch": _dispatch,
 }
 """How each command reads what follows its name (None: not its usage); the rest take nothing."""

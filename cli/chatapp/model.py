@@ -15,7 +15,10 @@ from rich.console import Group, RenderableType
 from rich.markdown import Markdown
 from rich.text import Text
 
+from meshchat.client.dispatch import LedgerOrder
+from meshchat.client.presence import Seen
 from meshchat.client.store import ClientStore, StoredMessage
+from meshchat.device import OrderState
 from meshchat.e2ee import Kind, decode_inner
 from meshchat.errors import MeshchatError
 
@@ -25,8 +28,10 @@ __all__ = [
     "Numbers",
     "entry_of",
     "older",
+    "order_line",
     "render_entry",
     "waiting_acks",
+    "who_line",
 ]
 
 SHOWN: Final = frozenset(
@@ -194,6 +199,35 @@ def waiting_acks(store: ClientStore, topic: str, user: str) -> list[tuple[int, i
             if missing is not None and user in missing:
                 waiting.append(stored.message_id)
     return waiting
+
+
+def order_line(order: LedgerOrder) -> str:
+    """A work order's line in the message view: where it went, what, and where it stands."""
+    what = f": {_summary(order.text)}" if order.text else ""
+    if order.direction == "out":
+        head = f"work order {order.order_id} to {order.device} ({order.user}){what}"
+    else:
+        head = f"work order {order.order_id} from {order.user} ({order.device}){what}"
+    state = {
+        OrderState.SENT: "sent, waiting for an answer",
+        OrderState.RECEIVED: "received: answer with `meshchat dispatch answer`",
+    }.get(order.state, order.state.value)
+    reason = f" ({order.reason})" if order.reason else ""
+    return f"{head} · {state}{reason}"
+
+
+def who_line(seen: Seen, *, announcer: bool, now: float, tz: tzinfo | None) -> str:
+    """One member in `/who`: presence, and when they were last seen."""
+    if seen.online:
+        state = "● online"
+    elif seen.online is None:
+        state = "? no device yet (never logged in)" if not seen.devices else "? not known yet"
+    elif seen.last_seen is not None:
+        state = f"○ offline, last seen {when(seen.last_seen, now=now, tz=tz)}"
+    else:
+        state = "○ offline"
+    role = " (may post announcements)" if announcer else ""
+    return f"  {seen.user}{role}: {state}"
 
 
 def colour_of(user: str) -> str:

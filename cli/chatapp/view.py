@@ -1,15 +1,19 @@
 """`ChatView`: what the chat app shows of one user's groups, kept current from a `Client`.
 
-It never talks to the network itself: it reads the client's events and shows what the local
-store holds. `ChatApp` (in `cli.chatapp.app`) adds what the user does: the composer's commands
-and the keys.
+It reads the client's events and shows what the local store holds. Scrolling back past the
+oldest message on this device asks the archiver for older ones, in a worker: what it sends is
+read by the client and shows up in place as it arrives. `ChatApp` (in `cli.chatapp.app`) adds
+what the user does: the composer's commands and the keys.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import tzinfo
 from pathlib import Path
 from typing import Final
@@ -19,7 +23,16 @@ from textual.app import App, ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Header, Input, Static
 
-from cli.chatapp.model import SHOWN, Entry, Numbers, entry_of, older, waiting_acks
+from cli.chatapp.model import (
+    SHOWN,
+    Entry,
+    Numbers,
+    entry_of,
+    older,
+    order_line,
+    waiting_acks,
+    who_line,
+)
 from cli.chatapp.widgets import (
     Composer,
     GroupItem,
@@ -38,21 +51,45 @@ from meshchat.client import (
     LinkChanged,
     Mention,
     Message,
+    OrderChanged,
+    PresenceChanged,
     TransportState,
     Unreadable,
 )
+from meshchat.client.dispatch import LedgerOrder
+from meshchat.device import ANSWERS
 from meshchat.e2ee import Kind
+from meshchat.errors import MeshchatError
 from meshchat.topics import GroupTopic
 
-__all__ = ["MAX_SHOWN", "PAGE", "START", "ChatView"]
+__all__ = ["ARCHIVE_PAGE", "LOADING", "MAX_SHOWN", "NO_OLDER", "PAGE", "START", "ChatView"]
 
 logger = logging.getLogger(__name__)
 
 PAGE: Final = 50
 """Messages shown when a group opens, and loaded each time the user scrolls past the top."""
 START: Final = "— the start of this group's history on this device —"
+LOADING: Final = "— loading older messages from the archive… —"
+NO_OLDER: Final = "— no older messages: this is the start of the group —"
+ARCHIVE_PAGE: Final = 200
+"""Envelopes asked of the archiver per page (receipts and reactions count too)."""
+ARCHIVE_PAGES: Final = 5
+"""Pages one step back reads at most while they hold only what this device has already."""
+ARCHIVE_TIMEOUT: Final = 15.0
+"""Seconds to wait for one page from the archiver."""
+_DIRECT_KINDS: Final = frozenset({Kind.WORKORDER, Kind.ORDER_STATE, Kind.TELEMETRY_KEY})
+"""Direct messages that are not chat: work orders show as orders, keys are bookkeeping."""
 MAX_SHOWN: Final = 500
 """Lines the message view keeps while following new messages; older ones are dropped."""
+
+
+@dataclass(slots=True)
+class _Paging:
+    """How far back the archiver was read for one group (kept while the app runs)."""
+
+    cursor: object = None
+    done: bool = False
+    failed: str = ""
 
 
 class ChatView(App[None]):
@@ -91,6 +128,11 @@ class ChatView(App[None]):
         self._oldest: int | None = None
         self._more = True
         self._waiting: dict[str, set[tuple[int, int]]] = {}
+        self._top: MessageItem | None = None
+        self._archive: dict[str, _Paging] = {}
+        self._fetching: set[str] = set()
+        self._orders: dict[str, MessageItem] = {}
+        self._who: MessageItem | None = None
         self.sub_title = f"{self.me} on {client.profile.device} · {client.profile.org}"
 
     # ------------------------------------------------------------------------------ layout
@@ -107,7 +149,12 @@ class ChatView(App[None]):
             with Vertical(id="main"):
                 yield Static(id="title")
                 yield MessageView(id="messages", initial_index=None)
-                yield Composer(id="composer", placeholder="Write a message; /help for commands")
+                # Not selecting all on focus: a prefilled `/reply #N ` is typed on, not over.
+                yield Composer(
+                    id="composer",
+                    placeholder="Write a message; /help for commands",
+                    select_on_focus=False,
+                )
         yield Footer()
 
     async def on_mount(self) -> None:
@@ -180,9 +227,12 @@ class ChatView(App[None]):
         self._title()
         self._shown.clear()
         self._oldest, self._more = None, True
+        self._top = self._who = None
         view = self.view
         await view.clear()
-        await self._load_older()
+        await self._load_older(archive=False)
+        if not self._shown:
+            self._fetch_older(group)  # nothing here on this device: ask the archive at once
         notices = [
             Entry(group, message_id, unreadable=reason)
             for message_id, reason, _ in self.client.store.notices(self._topic(group))
@@ -206,10 +256,19 @@ class ChatView(App[None]):
 
     # ----------------------------------------------------------------------------- history
 
-    async def _load_older(self) -> int:
-        """Show older messages above the oldest one shown; returns how many there were."""
+    async def _load_older(self, *, archive: bool = True) -> int:
+        """Show older messages above the oldest one shown; returns how many there were.
+
+        Args:
+            archive: when this device holds nothing older, ask the archiver (in a worker;
+                what it sends shows up in place as the client reads it).
+        """
         group = self.current
-        if group is None or not self._more:
+        if group is None:
+            return 0
+        if not self._more:
+            if archive:
+                self._fetch_older(group)
             return 0
         topic = self._topic(group)
         store = self.client.store
@@ -218,7 +277,8 @@ class ChatView(App[None]):
         )
         items = [self._item(entry_of(store, group, topic, m, self.numbers)) for m in found]
         if not self._more:
-            items.insert(0, self._item(Entry(group, None, note=START)))
+            self._top = self._item(Entry(group, None, note=self._top_text(group)))
+            items.insert(0, self._top)
         if found:
             self._oldest = found[0].ts
         view = self.view
@@ -228,6 +288,63 @@ class ChatView(App[None]):
             if keep is not None:
                 view.index = keep + len(items)
         return len(found)
+
+    def _fetch_older(self, group: str) -> None:
+        """Ask the archiver for a group's messages older than this device holds (a worker)."""
+        paging = self._archive.setdefault(group, _Paging())
+        if paging.done or group in self._fetching:
+            return
+        if self.client.state is not TransportState.CONNECTED:
+            paging.failed = "offline; the archive is asked when the link is back"
+        else:
+            paging.failed = ""
+            self._fetching.add(group)
+            self.run_worker(
+                self._fetch(group, paging),
+                name="meshchat[chat].history",
+                group="history",
+                exit_on_error=False,
+            )
+        self._draw_top()
+
+    async def _fetch(self, group: str, paging: _Paging) -> None:
+        """Read pages back in time until one holds something new here, or the archive ends."""
+        try:
+            for _ in range(ARCHIVE_PAGES):
+                async with asyncio.timeout(ARCHIVE_TIMEOUT):
+                    page = await self.client.fetch_history_page(
+                        group, cursor=paging.cursor, limit=ARCHIVE_PAGE, newest_first=True
+                    )
+                paging.cursor = page.cursor
+                if page.cursor is None:
+                    paging.done = True
+                    break
+                if page.unseen:
+                    break
+        except TimeoutError:
+            paging.failed = "the archive did not answer"
+        except MeshchatError as exc:
+            paging.failed = str(exc)
+            logger.info("no older history of %s: %s", group, exc)
+        finally:
+            self._fetching.discard(group)
+            self._draw_top()
+
+    def _top_text(self, group: str) -> str:
+        paging = self._archive.get(group)
+        if group in self._fetching:
+            return LOADING
+        if paging is None:
+            return START
+        if paging.failed:
+            return f"— older messages: {paging.failed}; pgup tries again —"
+        return NO_OLDER if paging.done else START
+
+    def _draw_top(self) -> None:
+        """Redraw the line at the top of the view: start, loading, or no older messages."""
+        group, top = self.current, self._top
+        if group is not None and top is not None and top.entry.group == group:
+            top.show(Entry(group, None, note=self._top_text(group)))
 
     def _item(self, entry: Entry) -> MessageItem:
         item = MessageItem(entry, me=self.me, now=self._now(), tz=self._tz)
@@ -253,13 +370,52 @@ class ChatView(App[None]):
             if isinstance(child, MessageItem) and child.entry.message_id is not None:
                 self._shown.pop(child.entry.message_id, None)
         await view.remove_children(dropped)
+        if self._top in dropped:
+            self._top = None
         first = next((i.entry for i in view.items() if i.entry.ts), None)
         self._oldest, self._more = (first.ts if first else None), True
 
-    async def _note(self, text: str) -> None:
+    async def _note(self, text: str) -> MessageItem:
         """A line from the app in the message view (not sent to anyone)."""
         await self._append([Entry(self.current or "", None, note=text)])
-        self.view.scroll_end(animate=False)
+        view = self.view
+        view.scroll_end(animate=False)
+        return view.items()[-1]
+
+    def _shows(self, item: MessageItem | None) -> bool:
+        """Whether a line is still in the message view (a group change clears it)."""
+        return item is not None and item.parent is self.view
+
+    async def _show_order(self, order: LedgerOrder) -> None:
+        """A work order's line: added when it is sent, changed in place as it is answered."""
+        text = order_line(order)
+        item = self._orders.get(order.order_id)
+        if item is not None and self._shows(item):
+            item.show(Entry(item.entry.group, None, note=text))
+        elif self.current is not None:
+            self._orders[order.order_id] = await self._note(text)
+        if order.direction == "out" and order.state in ANSWERS:
+            self.notify(text, title=f"work order {order.state}", markup=False)
+
+    def who_text(self, group: str) -> str:
+        """The members of a group and what this client knows of their presence."""
+        roster = self.client.session.rosters.current(self._topic(group))
+        if roster is None:
+            return f"The member list of {group} has not arrived yet (it comes from the server)."
+        lines = [f"{len(roster.members)} members of {group}:"]
+        for member in roster.members:
+            seen = self.client.presence_of(member)
+            if member == self.me:
+                seen = dataclasses.replace(seen, online=True)
+            lines.append(
+                who_line(seen, announcer=member in roster.announcers, now=self._now(), tz=self._tz)
+            )
+        return "\n".join(lines)
+
+    def _redraw_who(self) -> None:
+        item = self._who
+        if item is not None and self._shows(item) and self.current is not None:
+            item.show(Entry(self.current, None, note=self.who_text(self.current)))
 
     # ------------------------------------------------------------------------------ events
 
@@ -270,7 +426,7 @@ class ChatView(App[None]):
             except Exception:  # one bad event must not end the chat
                 logger.exception("could not show %s", type(event).__name__)
 
-    async def on_client_event(self, event: ClientEvent) -> None:  # noqa: C901  # one per kind
+    async def on_client_event(self, event: ClientEvent) -> None:  # noqa: C901, PLR0912  # one per kind
         """Reflect one event of the client on screen."""
         match event:
             case LinkChanged():
@@ -279,6 +435,8 @@ class ChatView(App[None]):
                 self._mark_delivered()
             case GroupsChanged():
                 await self._set_groups(list(event.groups))
+            case Message(group="") if event.kind in _DIRECT_KINDS:
+                pass  # work orders show through `OrderChanged`
             case Message(group=""):
                 self.notify(event.text, title=f"direct message from {event.sender}", markup=False)
             case Message():
@@ -302,6 +460,10 @@ class ChatView(App[None]):
                     group.show()
             case AckStatus():
                 self._refresh(event.group, event.message_id)
+            case OrderChanged():
+                await self._show_order(event.order)
+            case PresenceChanged():
+                self._redraw_who()
             case Alarm():
                 self.notify(
                     f"{event.what}: {event.reason}", title="alarm", severity="error", markup=False
@@ -313,8 +475,9 @@ class ChatView(App[None]):
             if event.kind is Kind.URGENT and event.sender != self.me:
                 self._waiting.setdefault(group, set()).add(event.message_id)
                 self._count_urgent(group)
-            if group == self.current and not self._behind(event):
-                await self._show_message(event)
+            at = self._place(event) if group == self.current else None
+            if group == self.current and at != _ABOVE:
+                await self._show_message(event, at)
             elif event.sender != self.me and not event.history:
                 item = self.group_list.item(group)
                 if item is not None:
@@ -332,22 +495,26 @@ class ChatView(App[None]):
             self._count_urgent(group)
         self._refresh(group, target)
 
-    def _behind(self, event: Message) -> bool:
-        """Whether a message re-read from the archive belongs above what is shown.
+    def _place(self, event: Message) -> int | None:
+        """Where a message of the open group goes: None at the bottom (or where it is shown).
 
-        Such a message is not added at the bottom: paging back (or reopening the group)
-        shows it in its place.
+        A message read from the archive may be older than what is shown: it goes in its place
+        by time, or, when this device holds older messages not shown yet, nowhere now (paging
+        back shows it in its place): then `_ABOVE`.
         """
         if not event.history or event.message_id in self._shown:
-            return False
-        newest = max((item.entry.ts for item in self.view.items()), default=0)
-        if event.ts >= newest:
-            return False
-        if self._oldest is None or event.ts <= self._oldest:
-            self._more = True
-        return True
+            return None
+        items = self.view.items()
+        if event.ts >= max((item.entry.ts for item in items), default=0):
+            return None
+        if self._more and (self._oldest is None or event.ts < self._oldest):
+            return _ABOVE
+        return next(
+            (at for at, item in enumerate(items) if item.entry.ts > event.ts),
+            len(items),
+        )
 
-    async def _show_message(self, event: Message) -> None:
+    async def _show_message(self, event: Message, at: int | None = None) -> None:
         topic = self._topic(event.group)
         stored = self.client.store.message(topic, event.message_id)
         if stored is None:
@@ -359,11 +526,23 @@ class ChatView(App[None]):
             if item is not None:
                 entry.outbox_id = item.entry.outbox_id
                 self._shown[event.message_id] = item
-        if item is None:
+        if item is not None:
+            item.show(entry)
+        elif at is None:
             await self._append([entry])
         else:
-            item.show(entry)
+            await self._insert(at, entry)
         self._mark_delivered()
+
+    async def _insert(self, at: int, entry: Entry) -> None:
+        """Put a message read from the archive in its place, keeping the picked message."""
+        view = self.view
+        keep = view.index
+        await view.insert(at, [self._item(entry)])
+        if keep is not None and keep >= at:
+            view.index = keep + 1
+        if not self._more and (self._oldest is None or entry.ts < self._oldest):
+            self._oldest = entry.ts
 
     def _pending(self, kind: Kind, body: str) -> MessageItem | None:
         """The oldest line of a message of ours not sealed yet, with this kind and text."""
@@ -408,6 +587,10 @@ class ChatView(App[None]):
         waiting = "; ".join(f"{g}: {why}" for g, why in self.client.waiting_for.items())
         self.query_one("#link", LinkStatus).show(state, queued, urgent, waiting)
         self.query_one("#banner", LinkBanner).show(state, queued, reason)
+
+
+_ABOVE: Final = -1
+"""`ChatView._place`: the message belongs above what is shown; paging back shows it."""
 
 
 def _target_of(event: Message) -> tuple[int, int] | None:

@@ -117,6 +117,7 @@ class MessageView(ListView):
         Binding("e", "app.prefill('edit')", "Edit"),
         Binding("x", "app.run('recall')", "Recall"),
         Binding("a", "app.run('ack')", "Acknowledge"),
+        Binding("plus", "app.prefill('react')", "React"),
         Binding("escape,i", "app.write", "Write"),
     ]
 

@@ -8,15 +8,19 @@ from meshchat.client.core import (
     Client,
     ClientEvent,
     GroupsChanged,
+    HistoryPage,
     LinkChanged,
     Mention,
     Message,
+    OrderChanged,
+    PresenceChanged,
     SiteNotice,
     Unreadable,
 )
 from meshchat.client.dispatch import DISPATCH_FILE, Direction, DispatchLedger, LedgerOrder
 from meshchat.client.fleet import Fleet
 from meshchat.client.login import LoginRefusedError, default_device_name, login
+from meshchat.client.presence import PresenceTracker, Seen
 from meshchat.client.profile import PROFILES_DIR, DeviceProfile, list_profiles, open_profile
 from meshchat.client.store import ClientStore, OutboxItem, StoredMessage
 from meshchat.client.transport import Transport
@@ -58,14 +62,19 @@ __all__ = [
     "DispatchLedger",
     "Fleet",
     "GroupsChanged",
+    "HistoryPage",
     "Incoming",
     "LedgerOrder",
     "LinkChanged",
     "LoginRefusedError",
     "Mention",
     "Message",
+    "OrderChanged",
     "OutboxItem",
+    "PresenceChanged",
+    "PresenceTracker",
     "Publication",
+    "Seen",
     "SiteNotice",
     "StateChange",
     "StoredMessage",

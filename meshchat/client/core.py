@@ -30,6 +30,7 @@ from typing import Final, Self
 
 from meshchat.client.dispatch import DISPATCH_FILE, DispatchLedger, LedgerOrder
 from meshchat.client.fleet import Fleet
+from meshchat.client.presence import PresenceTracker, Seen
 from meshchat.client.profile import LOCK_FILE, DeviceProfile
 from meshchat.client.store import ClientStore, StoredMessage
 from meshchat.client.transport import Transport
@@ -84,9 +85,12 @@ __all__ = [
     "Client",
     "ClientEvent",
     "GroupsChanged",
+    "HistoryPage",
     "LinkChanged",
     "Mention",
     "Message",
+    "OrderChanged",
+    "PresenceChanged",
     "SiteNotice",
     "Unreadable",
 ]
@@ -108,6 +112,8 @@ RECALL_WINDOW: Final = 2 * 3600
 RECEIPT_INTERVAL: Final = 2.0
 MAX_RECEIPT_REFS: Final = 1000
 HISTORY_PAGE: Final = 200
+MEMBERSHIP_TIMEOUT: Final = 10.0
+"""Seconds to wait for the directory to answer a join or a leave."""
 MAX_HISTORY_PAGES: Final = 50
 DELIVERED, READ = 0, 1
 _MENTION: Final = re.compile(r"(?<![\w@])@([a-z0-9][a-z0-9-]{0,31})\b", re.IGNORECASE)
@@ -195,9 +201,52 @@ class GroupsChanged:
     groups: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class OrderChanged:
+    """A work order of this device was sent, received or answered; `order` is where it stands."""
+
+    order: LedgerOrder
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChanged:
+    """A watched device (`watch_presence`) of `user` came online or went offline."""
+
+    user: str
+    device: str
+    online: bool
+
+
 ClientEvent = (
-    Message | Unreadable | Alarm | LinkChanged | GroupsChanged | Mention | AckStatus | SiteNotice
+    Message
+    | Unreadable
+    | Alarm
+    | LinkChanged
+    | GroupsChanged
+    | Mention
+    | AckStatus
+    | SiteNotice
+    | OrderChanged
+    | PresenceChanged
 )
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """One page of a group's history from the archiver (`Client.fetch_history_page`).
+
+    Attributes:
+        received: envelopes the page held.
+        unseen: of those, how many this device had not read before (read now, waiting for
+            their keys, or unreadable).
+        new: messages read and kept here from it.
+        cursor: what to pass for the next page; None when the archive holds nothing further.
+    """
+
+    received: int
+    unseen: int
+    new: int
+    cursor: object
 
 
 def check_may_send(session: DeviceSession, topic: str, *, now: float) -> None:
@@ -342,6 +391,9 @@ class Client:
         self.dispatch = DispatchLedger(profile.path / DISPATCH_FILE)
         """Work orders sent from (and to) this device, and their answers."""
         self._orders_changed = asyncio.Event()
+        self.presence = PresenceTracker(self.store, clock=clock)
+        """Presence of the people whose devices this client watches (`watch_presence`)."""
+        self._presence_watched: set[str] = set()
 
     # ------------------------------------------------------------------------------ life
 
@@ -528,6 +580,59 @@ class Client:
             for kind in ("status", "gps"):
                 await self.transport.subscribe(TelemetryTopic(self.org, device, kind).topic)
 
+    async def watch_presence(self, users: Iterable[str]) -> None:
+        """Follow the presence of these people's devices in `presence` (read-only).
+
+        Only the devices their key records list now are followed (presence is public within
+        the org); `PresenceChanged` events report changes.
+        """
+        for device in self.session.keys.devices_of(users):
+            if device.name not in self._presence_watched:
+                await self.transport.subscribe(PresenceTopic(self.org, device.name).topic)
+                self._presence_watched.add(device.name)
+
+    def presence_of(self, user: str) -> Seen:
+        """What this client knows of a person's presence (see `watch_presence`)."""
+        record = self.session.keys.record(user)
+        devices = [d.name for d in record.devices] if record is not None else []
+        return self.presence.of(user, devices)
+
+    async def join(self, group: str) -> list[str]:
+        """Ask the directory to add this user to a group; returns the user's groups now.
+
+        The directory decides with the same right as ``meshchat group add`` (admins, and
+        managers of the group's department), re-signs the roster and audits the change.
+
+        Raises:
+            MeshchatError: the directory refused (its reason names the missing permission)
+                or did not answer in time.
+        """
+        return await self._membership("join", group)
+
+    async def leave(self, group: str) -> list[str]:
+        """Ask the directory to take this user out of a group; returns the user's groups now.
+
+        Anyone may leave a group, except a site channel (the geofence keeps those). The
+        group's keys rotate before its next message.
+
+        Raises:
+            MeshchatError: the directory refused or did not answer in time.
+        """
+        return await self._membership("leave", group)
+
+    async def _membership(self, op: str, group: str) -> list[str]:
+        try:
+            async with asyncio.timeout(MEMBERSHIP_TIMEOUT):
+                value = await self.request("dir", Request(op, (group,)))
+        except TimeoutError as exc:
+            raise MeshchatError(
+                f"the directory did not answer within {MEMBERSHIP_TIMEOUT:g} s; try again"
+            ) from exc
+        if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
+            raise MeshchatError("the directory's reply is malformed")
+        await self._set_groups({str(g) for g in value})
+        return self.groups
+
     async def fetch_history(
         self,
         group: str,
@@ -549,25 +654,57 @@ class Client:
             NotFoundError: the user is not in that group.
             MeshchatError: the archiver refused (its message says why).
         """
-        topic = self._topic(group)
+        self._topic(group)
         before = self._kept
         cursor: object = None
         for _ in range(max_pages):
-            args = (group, since, until, cursor, HISTORY_PAGE, False)
-            value = await self.request("archive", Request("history", args))
-            match value:
-                case [list(items), next_cursor]:
-                    pass
-                case _:
-                    raise MeshchatError("the archiver's history reply is malformed")
-            for item in items:
-                payload = item[-1] if isinstance(item, list) and item else None
-                if isinstance(payload, bytes):
-                    self._apply(self.session.on_group_message(topic, payload, history=True))
-            cursor = next_cursor
+            page = await self.fetch_history_page(group, since=since, until=until, cursor=cursor)
+            cursor = page.cursor
             if cursor is None:
                 break
         return self._kept - before
+
+    async def fetch_history_page(
+        self,
+        group: str,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        cursor: object = None,
+        limit: int = HISTORY_PAGE,
+        newest_first: bool = False,
+    ) -> HistoryPage:
+        """Fetch one page of a group's history from the archiver (see `fetch_history`).
+
+        Args:
+            group: the group (``dept/name``).
+            since: only envelopes the archiver received at or after this (unix seconds).
+            until: only envelopes it received before this.
+            cursor: the previous page's `HistoryPage.cursor` (None: the first page).
+            limit: envelopes in the page at most (the archiver may send fewer).
+            newest_first: page backwards in time (scrollback); each page is still read oldest
+                first, so every chain is read forwards.
+
+        Raises:
+            NotFoundError: the user is not in that group.
+            MeshchatError: the archiver refused (its message says why).
+        """
+        topic = self._topic(group)
+        before = self._kept
+        args = (group, since, until, cursor, limit, newest_first)
+        value = await self.request("archive", Request("history", args))
+        match value:
+            case [list(items), next_cursor]:
+                pass
+            case _:
+                raise MeshchatError("the archiver's history reply is malformed")
+        unseen = 0
+        for item in reversed(items) if newest_first else items:
+            match item:
+                case [*_, int(chain_id), int(index), _, bytes(payload)]:
+                    unseen += not self.store.has_message(topic, (chain_id, index))
+                    self._apply(self.session.on_group_message(topic, payload, history=True))
+        return HistoryPage(len(items), unseen, self._kept - before, next_cursor)
 
     def _ask_telemetry_key(self, device: str, key_id: int) -> None:
         """Ask a device for a telemetry key this client never got (signed, sealed to it)."""
@@ -621,6 +758,7 @@ class Client:
         order = self.dispatch.add_sent(order_id, device=device, user=user, text=text, ts=inner.ts)
         self._outbox_changed.set()
         self._orders_changed.set()
+        self._emit(OrderChanged(order))
         return order
 
     async def answer_order(self, order_id: str, state: OrderState, reason: str = "") -> LedgerOrder:
@@ -638,6 +776,7 @@ class Client:
         moved = self.dispatch.move(order_id, state, reason, self._now())
         if moved is None:
             raise OrderError(f"work order {order_id} is {order.state}; it cannot become {state}")
+        self._emit(OrderChanged(moved))
         inner = state_inner(order_id, state, reason, ts=self._now())
         try:
             outgoing = self.session.seal_direct(order.user, inner)
@@ -731,7 +870,16 @@ class Client:
             case ServiceTopic(reply=True):
                 self._reply(payload)
             case TelemetryTopic() | PresenceTopic():
-                self.fleet.on_message(parsed, payload)
+                self._device_topic(parsed, payload)
+
+    def _device_topic(self, topic: TelemetryTopic | PresenceTopic, payload: bytes) -> None:
+        """A watched device's report or presence (`watch_devices`, `watch_presence`)."""
+        self.fleet.on_message(topic, payload)
+        if isinstance(topic, PresenceTopic):
+            online = self.presence.on_presence(topic.device, payload)
+            owner = self.session.keys.owner(topic.device)
+            if online is not None and owner is not None:
+                self._emit(PresenceChanged(owner[0], topic.device, online))
 
     def _inbox(self, payload: bytes) -> None:
         if _is_signed(payload):
@@ -793,8 +941,10 @@ class Client:
             case Direct() if event.inner.kind is Kind.TELEMETRY_KEY:
                 self.fleet.take_key(event.device, event.inner)
             case Direct():
-                if self.dispatch.take(event, me=self.profile.user) is not None:
+                order = self.dispatch.take(event, me=self.profile.user)
+                if order is not None:
                     self._orders_changed.set()
+                    self._emit(OrderChanged(order))
                 self._emit(
                     Message(
                         "",

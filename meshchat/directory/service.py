@@ -19,6 +19,16 @@ is how they learn what it holds:
       the user's groups (``dept/name`` paths).
   ``trust []``
       the org's trust bundle.
+  ``join [group]``
+      adds the user to a group, with the right ``meshchat group add`` needs for it (admins,
+      and managers of the group's department); returns the user's groups.
+  ``leave [group]``
+      takes the user out of a group (anyone may leave, except a site channel, which the
+      geofence keeps); the group's keys rotate before its next message. Returns the groups.
+
+  Joins and leaves go through the same directory calls as ``meshchat group add|remove``: the
+  audit log records them, the roster is re-signed and published, and the broker's policy
+  learns of the change before the reply goes out.
 
 `DirectoryResponder` holds the logic and runs its SQLite and crypto work synchronously;
 `DirectoryService` drives it from a `Transport` on a worker thread.
@@ -42,9 +52,15 @@ import nacl.public
 from meshchat.directory.model import Role, UserStatus
 from meshchat.directory.policy import DIRECTORY_SERVICE
 from meshchat.directory.signing import OrgKeys, RosterSigner
-from meshchat.directory.store import Directory
+from meshchat.directory.store import Directory, parse_group_path
 from meshchat.envelope import encode
-from meshchat.errors import EnvelopeError, MeshchatError, TopicError
+from meshchat.errors import (
+    EnvelopeError,
+    MeshchatError,
+    NotFoundError,
+    PermissionDeniedError,
+    TopicError,
+)
 from meshchat.rpc import PUSH_ID, Reply, Request, decode_request
 from meshchat.topics import (
     SITES_DEPARTMENT,
@@ -196,6 +212,10 @@ class DirectoryResponder:
                 return self._groups(user)
             case "register", (str(device), bytes(signing), bytes(box)):
                 return self._register(user, account.role, device, signing, box)
+            case "join", (str(group),):
+                return self._join(user, _group_path(group))
+            case "leave", (str(group),):
+                return self._leave(user, _group_path(group))
         raise _RefusedError(
             f"the directory service does not know {request.op!r} with those arguments"
         )
@@ -203,6 +223,46 @@ class DirectoryResponder:
     def _groups(self, user: str) -> list[str]:
         now = self._clock()
         return sorted(g.path for g in self.directory.groups(member=user) if not g.expired(now))
+
+    def _join(self, user: str, path: str) -> list[str]:
+        """Add `user` to a group if the directory's permissions let them add people to it."""
+        try:
+            with self.directory.transaction():
+                added = self.directory.add_members(user, path, [user])
+                if self.directory.group(path).expired(self._clock()):
+                    raise _RefusedError(f"{path} has expired")
+        except PermissionDeniedError as exc:
+            raise _RefusedError(
+                f"{exc}. Ask an admin or a manager of {path.partition('/')[0]}: "
+                f"meshchat group add {path} {user}"
+            ) from exc
+        if added:
+            self._changed = True
+            logger.info("%s joined %s", user, path)
+        return self._groups(user)
+
+    def _leave(self, user: str, path: str) -> list[str]:
+        """Take `user` out of a group they are in (not a site channel)."""
+        try:
+            group = self.directory.group(path)
+        except NotFoundError:
+            group = None
+        if group is None or user not in group.members:  # one answer: no hint of private groups
+            raise _RefusedError(f"{user} is not a member of {path}: there is nothing to leave")
+        try:
+            removed = self.directory.remove_members(user, path, [user])
+        except PermissionDeniedError as exc:
+            if group.dept != SITES_DEPARTMENT:
+                raise
+            raise _RefusedError(
+                f"{exc}. {path} is a site channel: the geofence adds you while you are at the "
+                f"site and takes you out when you leave it; an admin can remove you with "
+                f"meshchat group remove {path} {user}"
+            ) from exc
+        if removed:
+            self._changed = True
+            logger.info("%s left %s", user, path)
+        return self._groups(user)
 
     def _register(
         self, user: str, role: Role, device: str, signing: bytes, box: bytes
@@ -225,6 +285,15 @@ class DirectoryResponder:
 
 class _RefusedError(Exception):
     """A request refused with a message for the requester."""
+
+
+def _group_path(value: str) -> str:
+    """A group path from a request (network input: validated before any lookup)."""
+    try:
+        dept, name = parse_group_path(value)
+    except MeshchatError as exc:
+        raise _RefusedError(f"{value[:80]!r} is not a group: {exc}") from exc
+    return f"{dept}/{name}"
 
 
 class DirectoryService:

@@ -1021,13 +1021,18 @@ class Directory:
     def remove_members(self, actor: str, path: str, users: Iterable[str]) -> list[str]:
         """Remove users from a group and mark it for key rotation; returns who was removed.
 
+        Anyone may remove themselves (leave), except from a site channel, whose members the
+        geofence keeps; removing others needs ``group.manage`` for the group's department.
+
         Raises:
             PermissionDeniedError: `actor` may not manage the group's department.
         """
         dept, name = parse_group_path(path)
         wanted = list(users)
         with self._write():
-            rbac.require(self._actor(actor), Permission.GROUP_MANAGE, dept=dept)
+            remover = self._actor(actor)
+            if wanted != [actor] or dept == SITES_DEPARTMENT:
+                rbac.require(remover, Permission.GROUP_MANAGE, dept=dept)
             group = self.group(path)
             removed = [user for user in wanted if user in group.members]
             row = self._group_row(dept, name)
@@ -1168,18 +1173,58 @@ class Directory:
             )
             given = {key: value for key, value in timing.items() if value is not None}
             self._audit(actor, "site.add", name, circle=circle, **given)
-            self._insert_group(
-                actor,
-                SITES_DEPARTMENT,
-                name,
-                kind=GroupKind.PUBLIC,
-                expires_at=None,
-                retention_days=None,
-                compliance=False,
-                announcement=False,
-                post_roles=DEFAULT_POST_ROLES,
-            )
+            # A site removed earlier left its (empty) channel: the channel comes back, and its
+            # roster's epochs go on from where they were (clients refuse a rollback).
+            if self._group_row(SITES_DEPARTMENT, name) is None:
+                self._insert_group(
+                    actor,
+                    SITES_DEPARTMENT,
+                    name,
+                    kind=GroupKind.PUBLIC,
+                    expires_at=None,
+                    retention_days=None,
+                    compliance=False,
+                    announcement=False,
+                    post_roles=DEFAULT_POST_ROLES,
+                )
         return self.site(name)
+
+    def remove_site(self, actor: str, name: str) -> list[str]:
+        """Remove a site: its fence and every member of its channel, in one transaction.
+
+        The channel group ``sites/{name}`` stays, empty, with a key rotation pending: its next
+        roster (signed by the geofence key, as every site roster) lists nobody, so the broker
+        lets nobody read or post there and every sender's old key is retired; its history
+        stays in the archive under its retention. Adding the site again brings the channel
+        back. The geofence worker drops the site when it next reads the directory.
+
+        Returns:
+            The users who were in the channel (geofence-made and admin-made memberships).
+
+        Raises:
+            PermissionDeniedError: `actor` lacks ``site.manage``.
+            NotFoundError: no such site.
+        """
+        with self._write():
+            rbac.require(self._actor(actor), Permission.SITE_MANAGE)
+            self.site(name)
+            row = self._group_row(SITES_DEPARTMENT, name)
+            members: list[str] = []
+            if row is not None:
+                members = sorted(
+                    user
+                    for (user,) in self.db.conn.execute(
+                        "SELECT user FROM members WHERE group_id = ?", (row["id"],)
+                    )
+                )
+                self.db.conn.execute("DELETE FROM members WHERE group_id = ?", (row["id"],))
+                if members:
+                    self.db.conn.execute(
+                        "UPDATE groups SET rotation_pending = 1 WHERE id = ?", (row["id"],)
+                    )
+            self.db.conn.execute("DELETE FROM sites WHERE name = ?", (name,))
+            self._audit(actor, "site.remove", name, members=members)
+        return members
 
     def set_site(
         self,

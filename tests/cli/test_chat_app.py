@@ -7,6 +7,7 @@ groups and logs in its own devices, so tests do not see each other's messages.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC
@@ -17,15 +18,19 @@ from rich.console import Console
 from textual.pilot import Pilot
 from textual.widgets import Label, Static
 
-from cli.chatapp import ChatApp
+from cli.chatapp import COMMANDS, KEYS, ChatApp
+from cli.chatapp.view import LOADING, NO_OLDER, START
 from cli.chatapp.widgets import GroupItem, LinkBanner, LinkStatus, MessageItem, SearchScreen
+from meshchat.archive import ArchiveStats
 from meshchat.client import (
     Client,
     ClientEvent,
     Message,
+    OrderChanged,
     TransportState,
     Unreadable,
 )
+from meshchat.device import OrderState
 from meshchat.directory import Role
 from meshchat.e2ee import Kind
 from tests.cli.chat_site import ChatSite, FixedClock, converse, open_site
@@ -110,6 +115,15 @@ async def type_line(pilot: Pilot[None], line: str) -> None:
     assert isinstance(app, ChatApp)
     app.composer.focus()
     await pilot.press(*line)
+    await pilot.press("enter")
+
+
+async def submit(pilot: Pilot[None], line: str) -> None:
+    """Put a line in the composer and press Enter (typing it key by key is slow)."""
+    app = pilot.app
+    assert isinstance(app, ChatApp)
+    app.composer.focus()
+    app.composer.value = line
     await pilot.press("enter")
 
 
@@ -320,7 +334,7 @@ async def test_edits_and_recalls_change_messages_in_place(
         await until(pilot, lambda: shows(app, "carol (edited) see you at 11"), "our edit")
 
 
-async def test_unreadable_messages_show_why_and_join_leave_explain(
+async def test_unreadable_messages_show_why_and_help_lists_everything(
     site: ChatSite, stack: AsyncExitStack
 ) -> None:
     group = site.group("ops/notes", "bob", "carol")
@@ -331,16 +345,193 @@ async def test_unreadable_messages_show_why_and_join_leave_explain(
         await app.open_group(group)
         await app.on_client_event(Unreadable(group, (7, 3), "sent before you joined", "withheld"))
         await until(pilot, lambda: shows(app, "cannot be read: sent before you joined"), "why")
-        await type_line(pilot, "/join ops/secret")
-        await until(pilot, lambda: shows(app, "meshchat group add ops/secret carol"), "how")
-        await type_line(pilot, "/leave")
-        await until(pilot, lambda: shows(app, "meshchat group remove ops/notes carol"), "how")
-        await type_line(pilot, "/who")
-        await until(pilot, lambda: shows(app, "2 members of ops/notes"), "the members")
+        await submit(pilot, "/help")
+        await until(pilot, lambda: bool(app.screen.query("#help")), "the help screen")
+        shown = help_text(app)
+        for usage, _ in COMMANDS.values():
+            assert usage in shown
+        for key, _ in KEYS:
+            assert key in shown
+        await pilot.press("escape")
+        assert not app.screen.query("#help")
         await pilot.press("f1")
         assert app.screen.query("#help")
         await pilot.press("escape")
-        assert not app.screen.query("#help")
+        await submit(pilot, "/dispatch")
+        await until(pilot, lambda: notified(app, "usage: /dispatch DEVICE TEXT"), "the usage")
+        assert app.composer.value == "/dispatch"  # kept, to be corrected
+
+
+def help_text(app: ChatApp) -> str:
+    console = Console(width=200, color_system=None)
+    with console.capture() as capture:
+        for static in app.screen.query(Static):
+            console.print(static.content)
+    return capture.get()
+
+
+def notified(app: ChatApp, text: str) -> bool:
+    return any(text in n.message for n in app._notifications)
+
+
+def _stored_more(stats: ArchiveStats, *, than: int) -> bool:
+    return stats.stored > than
+
+
+async def archived(site: ChatSite, client: Client, group: str, count: int) -> None:
+    """Wait until the archiver holds `count` envelopes of the group (asking it, as members may)."""
+    archiver = site.server.archiver
+    assert archiver is not None
+    async with asyncio.timeout(10):
+        while True:
+            stored = archiver.stats.stored
+            if (await client.fetch_history_page(group, limit=count)).received >= count:
+                return
+            await archiver.wait_for(functools.partial(_stored_more, than=stored))
+
+
+async def test_scrolling_back_past_this_device_fetches_older_messages_from_the_archive(
+    site: ChatSite, stack: AsyncExitStack
+) -> None:
+    group = site.group("ops/scroll", "bob", "carol")
+    clock = FixedClock()
+    bob = await stack.enter_async_context(Client(await site.login("bob"), clock=clock))
+    await joined(bob, group)
+    for minute in range(1, 6):
+        clock.at(minute)
+        await bob.send(group, f"old message {minute}")
+    await archived(site, bob, group, 5)
+    # A new device of carol's: the old messages were never on it.
+    carol = await stack.enter_async_context(
+        Client(await site.login("carol"), clock=clock, send_receipts=False)
+    )
+    await joined(carol, group)
+    clock.at(10)
+    await bob.send(group, "new message")
+    await said(carol, "new message")
+    app = ChatApp(carol, clock=clock, tz=UTC)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.open_group(group)
+        assert texts(app) == [START, "#1 09:10 bob new message"]
+        await app.action_older()  # what pgup does at the top of the view
+        assert texts(app)[0] == LOADING  # at once: the archive answers in the background
+        old = [f"09:0{m} bob old message {m}" for m in range(1, 6)]
+        await until(
+            pilot,
+            lambda: (
+                [line.partition(" ")[2] for line in texts(app)[1:]]
+                == [*old, "09:10 bob new message"]
+            ),
+            "the archive's messages in their places",
+        )
+        await until(pilot, lambda: texts(app)[0] == NO_OLDER, "the end of the archive")
+        await pilot.press("pageup")  # nothing further back: nothing changes, nothing doubles
+        await pilot.pause()
+        assert len(texts(app)) == 7
+        assert texts(app)[0] == NO_OLDER
+
+
+async def test_join_and_leave_ask_the_directory_and_a_leave_rotates_the_keys(
+    site: ChatSite, stack: AsyncExitStack
+) -> None:
+    team = site.group("ops/jl-team", "bob", "carol")
+    site.directory.create_group("root", "ops/jl-open")
+    bob = await stack.enter_async_context(Client(await site.login("bob")))
+    carol = await stack.enter_async_context(Client(await site.login("carol")))
+    await joined(bob, team)
+    await joined(carol, team)
+    app = ChatApp(carol, page=10)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.open_group(team)
+        await submit(pilot, "/join ops/jl-open")  # carol is a member, not a manager
+        await until(pilot, lambda: shows(app, "/join ops/jl-open was refused"), "the refusal")
+        assert shows(app, "permission denied: group.manage for department ops")
+        assert shows(app, "meshchat group add ops/jl-open carol")
+        assert "ops/jl-open" not in app.group_list.groups
+        await bob.send(team, "before carol leaves")
+        first = await said(bob, "before carol leaves")
+        await until(pilot, lambda: shows(app, "before carol leaves"), "bob's message")
+        await submit(pilot, "/leave")
+        await until(pilot, lambda: team not in app.group_list.groups, "the group to go")
+        assert "carol" not in site.directory.group(team).members
+        await until(pilot, lambda: shows(app, f"You left {team}"), "the note")
+        async with asyncio.timeout(10):
+            await bob.wait_roster(team, lambda roster: "carol" not in roster.members)
+        await bob.send(team, "after carol left")
+        after = await said(bob, "after carol left")
+        assert after.message_id[0] != first.message_id[0]  # a new chain carol never got
+    manager = ChatApp(bob)
+    async with manager.run_test(size=SIZE) as pilot:
+        await manager.open_group(team)
+        await submit(pilot, "/join ops/jl-open")  # bob manages ops: he may
+        await until(pilot, lambda: manager.current == "ops/jl-open", "the joined group")
+        assert "bob" in site.directory.group("ops/jl-open").members
+        await until(pilot, lambda: shows(manager, "You joined ops/jl-open"), "the note")
+
+
+async def test_who_shows_the_members_presence_as_it_changes(
+    site: ChatSite, stack: AsyncExitStack
+) -> None:
+    group = site.group("ops/who", "bob", "carol", "dave")
+    async with Client(await site.login("dave")):
+        pass  # dave was here, and left: his device says offline
+    clock = FixedClock()
+    carol = await stack.enter_async_context(Client(await site.login("carol"), clock=clock))
+    await joined(carol, group)
+    app = ChatApp(carol, clock=clock, tz=UTC)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.open_group(group)
+        async with Client(await site.login("bob")) as bob:
+            await joined(bob, group)
+            await submit(pilot, "/who")
+            await until(pilot, lambda: shows(app, "3 members of ops/who"), "the members")
+            await until(pilot, lambda: shows(app, "bob (may post announcements): ● online"), "bob")
+            assert shows(app, "carol: ● online")
+            await until(pilot, lambda: shows(app, "dave: ○ offline"), "dave, offline")
+            clock.at(20)
+        await until(
+            pilot,
+            lambda: shows(app, "bob (may post announcements): ○ offline, last seen 09:20"),
+            "bob gone",
+        )
+
+
+async def test_react_and_dispatch_from_the_composer(site: ChatSite, stack: AsyncExitStack) -> None:
+    group = site.group("ops/react", "bob", "carol")
+    bob = await stack.enter_async_context(Client(await site.login("bob")))
+    carol = await stack.enter_async_context(Client(await site.login("carol")))
+    await joined(bob, group)
+    await joined(carol, group)
+    app = ChatApp(carol)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await app.open_group(group)
+        await bob.send(group, "lunch at noon?")
+        await until(pilot, lambda: shows(app, "lunch at noon?"), "bob's message")
+        app.composer.value = "/react 👍"
+        await pilot.press("enter")
+        await until(pilot, lambda: shows(app, "👍 carol"), "the reaction in place")
+        reaction = await said(bob, "👍", Kind.REACT)
+        assert reaction.sender == "carol"
+        await pilot.press("escape", "plus")  # pick the latest message, react to it
+        assert app.composer.value == "/react #1 "
+        await pilot.press("o", "k", "enter")
+        await until(pilot, lambda: shows(app, "noon? ok carol 👍 carol"), "the second reaction")
+
+        await submit(pilot, "/dispatch no-such-van fix the door")
+        await until(pilot, lambda: notified(app, "unknown device 'no-such-van'"), "the refusal")
+        device = bob.profile.device
+        await submit(pilot, f"/dispatch {device} check dock door 4")
+        event = await wait_event(bob, lambda e: isinstance(e, OrderChanged))
+        assert isinstance(event, OrderChanged)
+        order = event.order
+        assert (order.text, order.user) == ("check dock door 4", "carol")
+        await until(pilot, lambda: shows(app, f"work order {order.order_id} to {device}"), "sent")
+        assert shows(app, "sent, waiting for an answer")
+        await bob.answer_order(order.order_id, OrderState.ACCEPTED)
+        await until(pilot, lambda: shows(app, "check dock door 4 · accepted"), "accepted")
+        await bob.answer_order(order.order_id, OrderState.DONE)
+        await until(pilot, lambda: shows(app, "check dock door 4 · done"), "done")
+        assert len([line for line in texts(app) if "work order" in line]) == 1  # in place
 
 
 class OwnClientApp(ChatApp):

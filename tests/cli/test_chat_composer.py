@@ -33,6 +33,13 @@ TOPIC = "mc/acme/ops/line1"
         ("/JOIN ops/Line2", Command("join", "ops/line2")),
         ("/who", Command("who")),
         ("/leave", Command("leave")),
+        ("/leave ops/Line2", Command("leave", "ops/line2")),
+        ("/react 👍", Command("react", "👍")),
+        ("/react #3 +1", Command("react", "+1", 3)),
+        (
+            "/dispatch Van-1 fix the dock door",
+            Command("dispatch", "fix the dock door", device="van-1"),
+        ),
         ("/help", Command("help")),
     ],
 )
@@ -51,6 +58,11 @@ def test_lines_become_commands(line: str, command: Command) -> None:
         ("/search dock since:2 days", r"since: duration '2' is not understood"),
         ("/join line2", r"usage: /join DEPT/GROUP"),
         ("/who is here", r"usage: /who"),
+        ("/leave line2", r"usage: /leave \[DEPT/GROUP\]"),
+        ("/react", r"usage: /react \[#N\] EMOJI"),
+        ("/react thumbs up", r"usage: /react \[#N\] EMOJI"),
+        ("/dispatch van-1", r"usage: /dispatch DEVICE TEXT"),
+        ("/dispatch van_1 go north", r"usage: /dispatch DEVICE TEXT"),
     ],
 )
 def test_mistakes_get_their_usage(line: str, error: str) -> None:
