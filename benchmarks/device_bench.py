@@ -15,7 +15,10 @@ Three tables:
    process over a few connections, QoS 0) through the embedded broker into a geofence consumer
    that opens each fix with its device's key and runs it through the geofence state machine
    (`meshchat.geofence.Tracker`, 1,000 sites), beside the same pipeline carrying OwnTracks JSON.
-   Fixes per second from the first fix received to the last; lost fixes are counted.
+   Fixes per second from the first fix received to the last; lost fixes are counted. A third
+   run feeds the geofence worker's own telemetry reader (`meshchat.geofence.gps.GpsIntake`:
+   each device's key share sealed to the worker's reader key and signed by the device, then
+   every fix through its keyring, replay check and schema) into the same state machine.
 
 Tables show medians; the JSON (``benchmarks/results/device.json``) has every run.
 """
@@ -48,11 +51,12 @@ from rich.table import Table
 
 from meshchat.broker import BrokerSettings, EmbeddedBroker
 from meshchat.client import Transport
-from meshchat.device import GpsFix, decode_fix, encode_gps
-from meshchat.e2ee import OutboundChain
+from meshchat.device import GpsFix, decode_fix, encode_gps, seal_key_share
+from meshchat.e2ee import BoxKeyPair, OutboundChain, SigningKeyPair
 from meshchat.e2ee.telemetry import TelemetryKey, TelemetrySealer
 from meshchat.envelope import encode
 from meshchat.geofence import Circle, Fix, Location, SiteRule, Tracker, offset, parse_payload
+from meshchat.geofence.gps import GpsIntake
 from meshchat.geofence.owntracks import encrypt_payload
 from meshchat.topics import TelemetryTopic
 
@@ -271,7 +275,20 @@ def measure_end_to_end(params: Params) -> dict[str, Any]:
     ]
     owntracks = [(f"owntracks/{device}/tracker", owntracks_json(fix)) for device, fix in fixes]
     keys = {device: sealer.key.gps_only() for device, sealer in sealers.items()}
-    runs: dict[str, list[dict[str, float]]] = {"meshchat": [], "owntracks": []}
+    reader = BoxKeyPair.generate()
+    signing = {device: SigningKeyPair.generate() for device in sealers}
+    shares = {
+        device: seal_key_share(
+            sealer.key.gps_only(),
+            device=device,
+            signing=signing[device],
+            recipient="geofence",
+            recipient_box=reader.public,
+            ts=T0,
+        )
+        for device, sealer in sealers.items()
+    }
+    runs: dict[str, list[dict[str, float]]] = {"meshchat": [], "worker": [], "owntracks": []}
     for _ in range(params.reps):
         tracker = Tracker(sites)
 
@@ -281,6 +298,20 @@ def measure_end_to_end(params: Params) -> dict[str, Any]:
             tracker.observe(device, device, Fix(fix.ts, fix.lat, fix.lon, fix.accuracy))
 
         runs["meshchat"].append(asyncio.run(_pipeline(params, telemetry, consume_telemetry)))
+        tracker = Tracker(sites)
+        intake = GpsIntake(reader)
+        intake.directory_changed({device: key.public for device, key in signing.items()})
+        for device, share in shares.items():
+            assert intake.share(device, share).refused is None
+
+        def consume_worker(
+            topic: str, payload: bytes, tracker: Tracker = tracker, intake: GpsIntake = intake
+        ) -> None:
+            parsed = TelemetryTopic(ORG, topic.split("/")[3], "gps")
+            for device, fix in intake.fix(parsed, payload).fixes:
+                tracker.observe(device, device, fix)
+
+        runs["worker"].append(asyncio.run(_pipeline(params, telemetry, consume_worker)))
         tracker = Tracker(sites)
 
         def consume_owntracks(topic: str, payload: bytes, tracker: Tracker = tracker) -> None:
@@ -349,8 +380,11 @@ def rate_table(title: str, result: dict[str, Any], extra: str = "") -> Table:
     reference = result["owntracks"]["median"]
     for name, label in (
         ("meshchat", "meshchat telemetry (decrypt + decode)"),
+        ("worker", "meshchat telemetry, the geofence worker's reader (keyring)"),
         ("owntracks", "OwnTracks JSON (reference)"),
     ):
+        if name not in result:
+            continue
         median = result[name]["median"]
         cells = [label, f"{median:,.0f}", f"{median / reference:.2f}"]
         if extra:
@@ -402,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             "telemetry/owntracks_json_bytes": sizes["meshchat_telemetry"]["payload"]
             / sizes["owntracks_json"]["payload"],
             "end_to_end_meshchat/owntracks": e2e["meshchat"]["median"] / e2e["owntracks"]["median"],
+            "end_to_end_worker_reader/owntracks": e2e["worker"]["median"]
+            / e2e["owntracks"]["median"],
         },
         "budgets": {
             "gps_fix_payload_bytes": {

@@ -36,7 +36,7 @@ from meshchat.timeutil import parse_duration
 
 __all__ = ["site_app"]
 
-site_app = typer.Typer(help="Add and list sites (geofences).", no_args_is_help=True)
+site_app = typer.Typer(help="Add, change, list and remove sites (geofences).", no_args_is_help=True)
 
 
 def _site_json(site: Site) -> dict[str, object]:
@@ -193,6 +193,28 @@ def set_site(
         f"Site {site.name}: dwell {timing['dwell_s']:g}s, exit dwell "
         f"{timing['exit_dwell_s']:g}s, hysteresis {timing['hysteresis_m']:g} m."
     )
+
+
+@site_app.command("remove")
+def remove(
+    name: Annotated[str, typer.Argument(help="The site.")],
+    as_user: AsOption = None,
+    data: DataOption = DEFAULT_DATA,
+    json_output: JsonOption = False,
+) -> None:
+    """Remove a site: its fence goes, and everyone leaves its channel (audited).
+
+    The channel sites/SITE stays, empty: its next roster lists nobody, so nobody can read or
+    post there any more, and its history stays in the archive. A running geofence worker stops
+    evaluating the site within a second. Adding the site again brings the channel back.
+    """
+    with open_directory(data) as directory:
+        members = directory.remove_site(actor_of(directory, as_user), name)
+    if json_output:
+        emit_json({"site": name, "channel": f"sites/{name}", "removed_members": members})
+        return
+    who = f"; {', '.join(members)} left sites/{name}" if members else ""
+    console.print(f"Removed site {name}{who}.")
 
 
 @site_app.command("list")

@@ -29,7 +29,7 @@ What a Mosquitto password and ACL file cannot do, and the generated mosquitto.co
 from __future__ import annotations
 
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -256,7 +256,7 @@ class _AclBuilder:
             for device in snapshot.devices.values()
             if device.status is UserStatus.ACTIVE
         )
-        self._telemetry_reads: dict[tuple[Role, str], list[str]] = {}
+        self._telemetry_reads: dict[tuple[Role, str], tuple[list[str], set[str]]] = {}
 
     def _allowed(self, principal: Principal, action: Action, topic: str) -> bool:
         return self.policy.authorize(principal, action, topic, now=self.now).allowed
@@ -302,22 +302,49 @@ class _AclBuilder:
     def _readable_telemetry(self, user: User) -> list[str]:
         """Lines for the telemetry `user` reads as a reader, not as the device itself.
 
-        The policy decides that by the reader's role and department, so it is asked once per
-        (role, department), with the first account of it: asking per account and device would
-        take minutes in a large org. One line per device covers every kind when all are
-        readable.
+        The policy decides by the reader's role and department, and lets a reader in another
+        department read the devices it shares a group with (a dispatch group). The first part
+        is asked once per (role, department), with the first account of it, except for the
+        devices that account shares a group with: asking per account and device would take
+        minutes in a large org. Those devices, and the ones each account shares a group with,
+        are asked per account. One line per device covers every kind when all are readable.
         """
         key = (user.role, user.dept)
         cached = self._telemetry_reads.get(key)
         if cached is None:
-            reader = Principal(PrincipalKind.USER, user.name, user.name)
-            cached = []
-            for device in self.devices:
-                topics = self._telemetry_topics(device)
-                readable = [t for t in topics if self._allowed(reader, Action.RECEIVE, t)]
-                cached += [_any_last(topics[0])] if readable == topics else readable
+            apart = self._devices_sharing(user.name)
+            cached = (self._telemetry_lines(user, lambda d: d not in apart), apart)
             self._telemetry_reads[key] = cached
-        return cached
+        lines, apart = cached
+        personal = apart | self._devices_sharing(user.name)
+        extra = self._telemetry_lines(user, personal.__contains__)
+        return lines + [line for line in extra if line not in lines]
+
+    def _devices_sharing(self, name: str) -> set[str]:
+        """Active devices whose account is in a group with `name`."""
+        owners = {
+            member
+            for group in self.snapshot.groups.values()
+            if name in group.members and not group.expired(self.now)
+            for member in group.members
+        }
+        return {
+            device.name
+            for device in self.snapshot.devices.values()
+            if device.status is UserStatus.ACTIVE and device.owner in owners
+        }
+
+    def _telemetry_lines(self, user: User, which: Callable[[str], bool]) -> list[str]:
+        """Telemetry lines `user` may read, of the devices `which` picks."""
+        reader = Principal(PrincipalKind.USER, user.name, user.name)
+        lines: list[str] = []
+        for device in self.devices:
+            if not which(device):
+                continue
+            topics = self._telemetry_topics(device)
+            readable = [t for t in topics if self._allowed(reader, Action.RECEIVE, t)]
+            lines += [_any_last(topics[0])] if readable == topics else readable
+        return lines
 
     def rules(self, user: User) -> _Rules:
         """The ACL lines of one account."""

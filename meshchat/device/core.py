@@ -15,7 +15,11 @@ How telemetry finds its readers:
    trackers in one dispatch group do not read each other. The same people may send it work
    orders;
 4. each reader gets the current telemetry key in its inbox (a signed, sealed direct message),
-   once; the geofence worker gets the fixes-only key on its share topic (retained);
+   once; the geofence worker gets the fixes-only key on its share topic (retained). The
+   worker's X25519 key comes from the credential file, or from the worker's reader
+   certificate (retained on ``mc/{org}/_s/geofence``), which the device checks against its
+   trust bundle (`meshchat.e2ee.telemetry.open_reader_cert`); a newer certificate with another
+   key gets the current key at once;
 5. when a reader leaves (a member removed, a device gone from a record) the device makes a new
    key and shares it with the readers that remain: a reader who left cannot read what follows.
    A new key is also made at every start and once a week.
@@ -55,7 +59,7 @@ from meshchat.e2ee import (
     RosterError,
     Step,
 )
-from meshchat.e2ee.telemetry import TelemetrySealer
+from meshchat.e2ee.telemetry import TelemetrySealer, open_reader_cert
 from meshchat.envelope import GroupMessage, decode
 from meshchat.errors import E2EEError, EnvelopeError, OrderError, TopicError
 from meshchat.rpc import PUSH_ID, decode_reply
@@ -200,6 +204,8 @@ class DeviceCore:
         self.sealer = TelemetrySealer.new(now=now)
         self._shared: dict[str, bytes] = {}
         self._geofence_key_id: int | None = None
+        self._geofence_box: bytes | None = credentials.geofence
+        self._reader_issued = -1
         self._answered: dict[str, int] = {}
         self._groups_known = False
         self.alerter = Alerter(self.device, tuple(alert_rules))
@@ -224,13 +230,23 @@ class DeviceCore:
         """Where the directory keeps the list of the device's groups (retained)."""
         return ServiceTopic(self.org, DIRECTORY_SERVICE, self.device, reply=True).topic
 
+    @property
+    def reader_topic(self) -> str:
+        """Where the geofence worker keeps its signed reader certificate (retained)."""
+        return ServiceTopic(self.org, GEOFENCE_READER).topic
+
+    @property
+    def geofence_reader(self) -> bytes | None:
+        """The geofence worker's X25519 key the device shares its fixes-only key with."""
+        return self._geofence_box
+
     def _group_topic(self, path: str) -> GroupTopic:
         dept, name = path.split("/", 1)
         return GroupTopic(self.org, dept, name)
 
     def subscriptions(self) -> list[str]:
         """Everything to subscribe to on a fresh session (QoS 1)."""
-        topics = [self.inbox_topic, self.groups_topic]
+        topics = [self.inbox_topic, self.groups_topic, self.reader_topic]
         topics.extend(self._group_topic(path).roster.topic for path in sorted(self.groups))
         topics.extend(KeyTopic(self.org, user).topic for user in sorted(self._following))
         return topics
@@ -344,14 +360,14 @@ class DeviceCore:
     def _share_geofence(self, *, now: float) -> Output:
         out = Output()
         self._geofence_key_id = self.sealer.key.key_id
-        if self.credentials.geofence is None:
+        if self._geofence_box is None:
             return out
         payload = seal_key_share(
             self.sealer.key.gps_only(),
             device=self.device,
             signing=self.credentials.signing,
             recipient=GEOFENCE_READER,
-            recipient_box=self.credentials.geofence,
+            recipient_box=self._geofence_box,
             ts=int(now),
         )
         out.publish.append(
@@ -391,6 +407,8 @@ class DeviceCore:
             parsed = None
         out = Output()
         match parsed:
+            case ServiceTopic(service=service, requester=None) if service == GEOFENCE_READER:
+                out = self._on_reader_cert(payload, now=now)
             case ServiceTopic(reply=True):
                 out = self._on_groups(payload, now=now)
             case RosterTopic() if payload:
@@ -406,6 +424,25 @@ class DeviceCore:
             case InboxTopic():
                 out = self._step(self.session.on_inbox(payload), now=now)
         return out
+
+    def _on_reader_cert(self, payload: bytes, *, now: float) -> Output:
+        """The geofence worker's reader certificate: share the key with a new reader key."""
+        if not payload:
+            return Output()
+        try:
+            cert = open_reader_cert(payload, self.credentials.trust)
+        except (E2EEError, EnvelopeError) as exc:
+            logger.warning("ignored a geofence reader certificate: %s", exc)
+            return Output()
+        if cert.issued_at <= self._reader_issued:
+            return Output()  # a redelivery, or an older certificate replayed
+        self._reader_issued = cert.issued_at
+        if self._geofence_box == cert.public:
+            return Output()
+        logger.info("%s: the geofence worker has a new reader key", self.device)
+        self._geofence_box = cert.public
+        self._geofence_key_id = None  # the current key goes to the new reader key now
+        return self._share(now=now)
 
     def _on_groups(self, payload: bytes, *, now: float) -> Output:
         try:

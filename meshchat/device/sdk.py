@@ -148,6 +148,7 @@ class Device:
         alert_rules: Iterable[AlertRule | str] = DEFAULT_RULES,
         alert_group: str | None = None,
         clock: Callable[[], float] = time.time,
+        username: str | None = None,
     ) -> None:
         """Prepare the device; nothing connects until `start` (or ``with``).
 
@@ -171,6 +172,9 @@ class Device:
             alert_group: the group alerts go to (``dept/name``; the device must be a member
                 and allowed to post); default: its dispatch group.
             clock: the time source.
+            username: the account the device logs in as: default the device's own name (a
+                device account); a device registered to a person logs in as that person,
+                with the device's token (its fixes then count as the person's in the geofence).
 
         Raises:
             ConfigError: the credentials or the URL are unusable.
@@ -191,6 +195,7 @@ class Device:
         self.connect_timeout = connect_timeout
         self.gps_qos = gps_qos
         self.keepalive = keepalive
+        self.username = username or self.credentials.device
         url = broker or self.credentials.broker
         self._scheme, self._host, self._port, self._path = _parse_url(url)
         self.broker = url
@@ -246,7 +251,7 @@ class Device:
             transport="websockets" if websockets else "tcp",
             manual_ack=True,
         )
-        client.username_pw_set(self.credentials.device, self.credentials.token)
+        client.username_pw_set(self.username, self.credentials.token)
         client.will_set(self.core.presence_topic, OFFLINE, qos=1, retain=True)
         client.reconnect_delay_set(low, high)
         client.max_queued_messages_set(MAX_QUEUED)

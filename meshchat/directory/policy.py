@@ -127,6 +127,7 @@ class AccessPolicy:
         """Decide over `snapshot`."""
         self.snapshot = snapshot
         self._org_prefix = f"{PREFIX}/{snapshot.org}/"
+        self._groups_of: dict[str, list[Group]] | None = None
 
     # -- authentication ------------------------------------------------------------------------
 
@@ -254,14 +255,35 @@ class AccessPolicy:
             case GroupTopic() | RosterTopic():
                 return self._group_access(user, reading, topic, now)
             case InboxTopic() | PresenceTopic() | TelemetryTopic():
-                return self._device_topic(principal, user, reading, topic)
+                return self._device_topic(principal, user, reading, topic, now)
             case KeyTopic(user=owner):
                 if reading or owner == user.name:
                     return _allow("key records are public; users publish their own")
                 return _deny(f"only {owner} publishes {owner}'s key record")
+            case ServiceTopic(service=service) if service == GEOFENCE_SERVICE and not topic.reply:
+                return self._geofence_topic(principal, reading, topic)
             case ServiceTopic():
                 return self._service_request(user, reading, topic)
         return _deny("no rule allows this")
+
+    @staticmethod
+    def _geofence_topic(principal: Principal, reading: bool, topic: ServiceTopic) -> Decision:
+        """The geofence's reader certificate is public; a key share is its device's alone.
+
+        ``_s/geofence`` holds the worker's signed reader certificate (retained): anyone in the
+        org may read it. ``_s/geofence/{device}`` holds a device's telemetry key share, sealed
+        to the worker: only that device (by its own token) may publish it, and only the
+        geofence service reads it.
+        """
+        if topic.requester is None:
+            if reading:
+                return _allow("the geofence's reader certificate is public within the org")
+            return _deny("only the geofence service publishes its reader certificate")
+        if reading:
+            return _deny("only the geofence service reads telemetry key shares")
+        if principal.device is not None and hmac.compare_digest(principal.device, topic.requester):
+            return _allow("a device leaves its telemetry key share for the geofence")
+        return _deny(f"only the device {topic.requester} leaves its telemetry key share")
 
     @staticmethod
     def _service_request(user: User, reading: bool, topic: ServiceTopic) -> Decision:
@@ -283,6 +305,7 @@ class AccessPolicy:
         user: User,
         reading: bool,
         topic: InboxTopic | PresenceTopic | TelemetryTopic,
+        now: float,
     ) -> Decision:
         what = {InboxTopic: "inbox", PresenceTopic: "presence", TelemetryTopic: "telemetry"}
         if not reading:
@@ -292,7 +315,7 @@ class AccessPolicy:
         if isinstance(topic, PresenceTopic):
             return _allow("presence is public within the org")
         if isinstance(topic, TelemetryTopic):
-            return self._read_telemetry(principal, user, topic.device)
+            return self._read_telemetry(principal, user, topic.device, now)
         return self._own_device(principal, topic.device, "inbox")
 
     def _group_access(
@@ -325,14 +348,33 @@ class AccessPolicy:
             return _allow(f"a device uses its own {what}")
         return _deny(f"only the device {device} uses its {what}")
 
-    def _read_telemetry(self, principal: Principal, user: User, device: str) -> Decision:
+    def _read_telemetry(
+        self, principal: Principal, user: User, device: str, now: float
+    ) -> Decision:
         if principal.device == device or user.role is Role.ADMIN:
             return _allow("the device itself and admins read telemetry")
         found = self.snapshot.devices.get(device)
         owner = self.snapshot.users.get(found.owner) if found else None
-        if owner is not None and owner.dept == user.dept:
+        if owner is None:
+            return _deny(f"no device {device}")
+        if owner.dept == user.dept:
             return _allow(f"telemetry of {device} is readable within {owner.dept}")
-        return _deny(f"telemetry of {device} is readable within its department only")
+        # A device shares its telemetry key with the people of its dispatch group, which can
+        # be in another department: whoever shares a group with the device may read.
+        for group in self._groups_with(owner.name):
+            if user.name in group.members and not group.expired(now):
+                return _allow(f"{user.name} shares {group.path} with {device}")
+        return _deny(f"telemetry of {device} is readable within {owner.dept} and its groups only")
+
+    def _groups_with(self, member: str) -> list[Group]:
+        """The groups `member` is in (computed once per snapshot)."""
+        if self._groups_of is None:
+            groups_of: dict[str, list[Group]] = {}
+            for group in self.snapshot.groups.values():
+                for name in group.members:
+                    groups_of.setdefault(name, []).append(group)
+            self._groups_of = groups_of
+        return self._groups_of.get(member, [])
 
     def _service(self, principal: Principal, action: Action, topic: Topic) -> Decision:
         name = principal.name
@@ -341,6 +383,10 @@ class AccessPolicy:
                 return _deny(f"only the service {topic.service} reads its requests")
             return _allow("services read across the org")
         match topic:
+            case ServiceTopic(service=service, requester=None) if (
+                service == GEOFENCE_SERVICE and name != GEOFENCE_SERVICE
+            ):
+                return _deny("only the geofence service publishes its reader certificate")
             case ServiceTopic() | InboxTopic():
                 return _allow("services answer requests and write to inboxes")
             case RosterTopic(dept=dept):

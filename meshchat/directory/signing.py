@@ -13,6 +13,9 @@ The keys live in ``DATA/keys`` (a `KeyStore`: mode 0700, one 0600 file per secre
 - ``directory.key``: the directory's signing key, certified by the root for ``mc/{org}/``: it
   certifies identity keys and signs rosters.
 - ``geofence.key``: a roster key certified for ``mc/{org}/sites/`` only, for the geofence worker.
+- ``geofence-telemetry.key``: the geofence worker's X25519 telemetry reader key, made on first
+  use; its public half is certified by ``geofence.key`` (`reader_cert`), not by the root, so
+  devices check it against the trust bundle they already hold (`meshchat.e2ee.telemetry`).
 - ``identity.{user}.key``: each user's identity key (Ed25519), which signs the user's device list.
 - ``trust.bin``: the public trust bundle (`OrgTrust`) a client checks against the root fingerprint.
 
@@ -48,6 +51,7 @@ from meshchat.e2ee import (
     Roster,
     SigningKeyPair,
     certify_identity,
+    certify_reader,
     sign_key_record,
     sign_roster,
 )
@@ -82,6 +86,8 @@ ROOT_KEY: Final = "root.key"
 COMPLIANCE_KEY: Final = "compliance.key"
 DIRECTORY_KEY: Final = "directory.key"
 GEOFENCE_KEY: Final = "geofence.key"
+GEOFENCE_READER_KEY: Final = "geofence-telemetry.key"
+"""The geofence worker's X25519 telemetry reader key (also what device credentials name)."""
 TRUST_FILE: Final = "trust.bin"
 _ORG_FILES: Final = (ROOT_KEY, COMPLIANCE_KEY, DIRECTORY_KEY, GEOFENCE_KEY, TRUST_FILE)
 
@@ -297,6 +303,36 @@ class OrgKeys:
         if self._geofence_key is None:
             raise ConfigError(f"the geofence key {self.path / GEOFENCE_KEY} is not on this machine")
         return self._geofence_key
+
+    def geofence_reader(self, *, create: bool = False) -> BoxKeyPair | None:
+        """The geofence worker's telemetry reader key (X25519), made when `create` and missing.
+
+        Devices seal their fixes-only telemetry key shares to it. It lives in the key store
+        like the other org keys (a 0600 file) and is never logged.
+
+        Raises:
+            ConfigError: the key file is damaged or cannot be written.
+        """
+        secret = self._store.load(GEOFENCE_READER_KEY)
+        if secret is None:
+            if not create:
+                return None
+            key = BoxKeyPair.generate()
+            self._store.save(GEOFENCE_READER_KEY, key.secret)
+            return key
+        try:
+            return BoxKeyPair(secret)
+        except MeshchatError as exc:
+            raise ConfigError(f"{self.path / GEOFENCE_READER_KEY} is damaged: {exc}") from exc
+
+    def reader_cert(self, reader: BoxKeyPair, now: float) -> bytes:
+        """The reader key's certificate, signed by the geofence worker's roster key.
+
+        Raises:
+            ConfigError: the geofence key is not on this machine.
+        """
+        cert = certify_reader(self.geofence_key, self.org, reader.public, issued_at=int(now))
+        return cert.encode()
 
     @property
     def fingerprint(self) -> str:

@@ -34,6 +34,7 @@ DOMAINS: Final = frozenset(
         b"mc-dist1",  # a chain distribution
         b"mc-pair1",  # a pairwise payload (key request, withheld, direct message)
         b"mc-compliance1",  # the root certifies the org compliance key (X25519)
+        b"mc-tlm-reader1",  # the geofence key certifies its telemetry reader key (X25519)
         b"mc-notice1",  # a roster signer's notice to one device's inbox (site joins, leaves)
     }
 )

@@ -25,6 +25,15 @@ telemetry key and can neither read nor forge a report; they can withhold, delay 
 which readers notice by key id and counter (`TelemetryKeyring` flags reports that are not newer
 than one already read) and by the report's own timestamp. Work orders, acknowledgements and
 alerts are not telemetry: they travel signed like any message.
+
+The geofence worker's reader key, and how a device knows it is the worker's: the worker holds
+an X25519 key of its own (``DATA/keys/geofence-telemetry.key``). Its `ReaderCert` binds that key
+to the org, signed with the geofence worker's roster key, which the org root already certifies
+in the trust bundle (signer ``geofence``). The worker publishes the certificate retained on
+``mc/{org}/_s/geofence``; a device checks it against the trust bundle it got with its
+credentials (`open_reader_cert`) before it seals a key share to that key, so neither the broker
+nor anyone else can slip a key of their own in. The trust bundle and its root are untouched:
+no passphrase is needed to make, renew or replace the reader key.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ import msgpack
 import nacl.bindings
 import nacl.exceptions
 
+from meshchat.e2ee.keys import SigningKeyPair, verify
+from meshchat.e2ee.trust import OrgTrust
 from meshchat.envelope import Telemetry, decode, encode
 from meshchat.errors import DecryptError, E2EEError, EnvelopeError, TopicError
 from meshchat.topics import TelemetryTopic, parse_topic
@@ -48,10 +59,14 @@ __all__ = [
     "MAX_PARKED",
     "MAX_TELEMETRY_KEY_AGE",
     "MAX_TELEMETRY_MESSAGES",
+    "READER_SIGNER",
     "OpenedTelemetry",
+    "ReaderCert",
     "TelemetryKey",
     "TelemetryKeyring",
     "TelemetrySealer",
+    "certify_reader",
+    "open_reader_cert",
     "open_telemetry",
     "telemetry_topic",
 ]
@@ -69,6 +84,11 @@ MAX_PARKED: Final = 64
 MAX_DEVICES: Final = 100_000
 _AAD_DOMAIN: Final = b"mc-tlm-aad1"
 _STATE_VERSION: Final = 1
+READER_SIGNER: Final = "geofence"
+"""The trust bundle's signer that certifies the geofence worker's telemetry reader key."""
+_READER_DOMAIN: Final = b"mc-tlm-reader1"
+_READER_VERSION: Final = 1
+_MAX_READER_CERT: Final = 256
 
 
 class _Kind(enum.StrEnum):
@@ -260,11 +280,22 @@ class TelemetryKeyring:
     def __init__(self) -> None:
         """An empty keyring."""
         self._devices: dict[str, _DeviceKeys] = {}
+        self.dropped = 0
+        """Parked reports pushed out by newer ones before their key came (`MAX_PARKED`)."""
+
+    def forget(self, device: str) -> None:
+        """Drop every key and parked report of `device` (revoked, or gone from the directory)."""
+        self._devices.pop(device, None)
 
     @property
     def devices(self) -> list[str]:
         """Devices this keyring holds a key of, by name."""
         return sorted(name for name, entry in self._devices.items() if entry.keys)
+
+    @property
+    def held(self) -> list[str]:
+        """Devices this keyring holds a key or a parked report of, by name."""
+        return sorted(self._devices)
 
     def key(self, device: str, key_id: int | None = None) -> TelemetryKey | None:
         """The device's key with `key_id`, or its newest key."""
@@ -336,7 +367,9 @@ class TelemetryKeyring:
             entry = self._entry(parsed.device)
             if (parsed.topic, payload) not in entry.parked:  # a redelivery waits once
                 entry.parked.append((parsed.topic, payload))
-                del entry.parked[:-MAX_PARKED]
+                if len(entry.parked) > MAX_PARKED:
+                    self.dropped += len(entry.parked) - MAX_PARKED
+                    del entry.parked[:-MAX_PARKED]
             return None
         plaintext = open_telemetry(envelope, parsed, key)
         entry = self._devices[parsed.device]
@@ -389,3 +422,94 @@ class TelemetryKeyring:
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise E2EEError(f"the telemetry keyring is corrupt: {exc}") from exc
         return keyring
+
+
+# ------------------------------------------------------------------- the geofence's reader key
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderCert:
+    """The geofence worker's word that `public` (X25519) is its telemetry reader key.
+
+    Attributes:
+        org: the org.
+        public: the reader's X25519 public key; devices seal their fixes-only key shares to it.
+        issued_at: when it was signed (unix seconds); a device keeps the newest it saw.
+        signer: the trust bundle's signer that signed it (``geofence``).
+        sig: the signature, by that signer's key.
+    """
+
+    org: str
+    public: bytes
+    issued_at: int
+    signer: str = READER_SIGNER
+    sig: bytes = field(default=b"", repr=False)
+
+    def message(self) -> bytes:
+        """What the signer signs."""
+        packed: bytes = msgpack.packb(
+            [_READER_VERSION, self.org, self.signer, self.public, self.issued_at],
+            use_bin_type=True,
+        )
+        return packed
+
+    def encode(self) -> bytes:
+        """The certificate's wire form (published retained on ``mc/{org}/_s/geofence``)."""
+        packed: bytes = msgpack.packb(
+            [_READER_VERSION, self.org, self.signer, self.public, self.issued_at, self.sig],
+            use_bin_type=True,
+        )
+        return packed
+
+
+def certify_reader(
+    signing: SigningKeyPair, org: str, public: bytes, *, issued_at: int
+) -> ReaderCert:
+    """Sign the geofence worker's reader key with its (root-certified) roster key."""
+    if len(public) != KEY_LEN:
+        raise E2EEError(f"a reader key is {KEY_LEN} bytes")
+    unsigned = ReaderCert(org, public, issued_at)
+    return ReaderCert(org, public, issued_at, sig=signing.sign(_READER_DOMAIN, unsigned.message()))
+
+
+def open_reader_cert(data: bytes, trust: OrgTrust) -> ReaderCert:
+    """Parse a reader certificate and check it against the org's trust bundle.
+
+    Raises:
+        EnvelopeError: malformed or oversize.
+        E2EEError: another org, a signer the bundle does not name, or a bad signature.
+    """
+    if len(data) > _MAX_READER_CERT:
+        raise EnvelopeError(f"a reader certificate is at most {_MAX_READER_CERT} bytes")
+    try:
+        fields = msgpack.unpackb(
+            data,
+            raw=False,
+            max_str_len=64,
+            max_bin_len=64,
+            max_array_len=6,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
+        raise EnvelopeError(f"a reader certificate is not valid msgpack: {exc}") from exc
+    match fields:
+        case [int(version), str(org), str(signer), bytes(public), int(issued), bytes(sig)] if (
+            version == _READER_VERSION
+            and len(public) == KEY_LEN
+            and len(sig) == 64
+            and 0 <= issued < 2**63
+        ):
+            cert = ReaderCert(org, public, issued, signer, sig)
+        case _:
+            raise EnvelopeError("a reader certificate has the wrong fields")
+    if cert.org != trust.org:
+        raise E2EEError(f"the reader certificate is for org {cert.org!r}, not {trust.org!r}")
+    if cert.signer != READER_SIGNER:
+        raise E2EEError(f"reader keys are certified by {READER_SIGNER!r}, not {cert.signer!r}")
+    certified = next((c for c in trust.signers if c.name == cert.signer), None)
+    if certified is None:
+        raise E2EEError(f"the trust bundle names no {cert.signer!r} signer")
+    if not verify(certified.public, _READER_DOMAIN, cert.message(), cert.sig):
+        raise E2EEError("the reader certificate's signature does not check out")
+    return cert

@@ -1,7 +1,8 @@
 """The geofence worker's blocking side: the directory, signing, and the worker's files.
 
 `WorkerFiles` runs on the worker's one thread: it reads a `DirectoryView` (sites, who may be
-auto-joined, devices, OwnTracks keys, settings), applies due batches in the directory, and signs
+auto-joined, devices and their signing keys, OwnTracks keys, settings), holds the worker's
+telemetry reader key and signs its certificate, applies due batches in the directory, and signs
 the site roster and the notices of every batch that changed something (`AppliedBatch`).
 """
 
@@ -16,7 +17,7 @@ from typing import Final
 from meshchat.directory import Directory, Permission, Site, UserStatus, rbac
 from meshchat.directory.policy import GEOFENCE_SERVICE, SERVICE_PREFIX
 from meshchat.directory.signing import GEOFENCE_SIGNER, OrgKeys
-from meshchat.e2ee import Notice, NoticeKind, Roster, sign_notice
+from meshchat.e2ee import BoxKeyPair, Notice, NoticeKind, Roster, sign_notice
 from meshchat.envelope import encode
 from meshchat.errors import ConfigError
 from meshchat.geofence.batch import Due
@@ -75,6 +76,8 @@ class DirectoryView:
         owntracks: the registered OwnTracks devices.
         settings: the stored settings.
         keys: OwnTracks keys by (user, device).
+        device_signing: active devices' Ed25519 keys (what their key records list), by name:
+            key shares are verified against them.
     """
 
     org: str
@@ -86,6 +89,7 @@ class DirectoryView:
     owntracks: tuple[OwnTracksDevice, ...]
     settings: StoredSettings
     keys: Mapping[tuple[str, str], bytes] = field(repr=False)
+    device_signing: Mapping[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,10 @@ class WorkerFiles:
             raise ConfigError(
                 f"the geofence worker needs its key {OrgKeys.keys_path(data)}/geofence.key"
             )
+        # Devices seal their fixes-only telemetry key shares to it (made on first use).
+        reader = self.keys.geofence_reader(create=True)
+        assert reader is not None  # made when missing
+        self.reader: BoxKeyPair = reader
         self.directory = Directory.in_data_dir(data)
         try:
             self.store = GeofenceStore.in_data_dir(data)
@@ -172,7 +180,16 @@ class WorkerFiles:
             owntracks=owntracks,
             settings=self.store.settings(),
             keys=owntracks_keys(self.data, list(owntracks)),
+            device_signing={
+                d.name: d.signing_public
+                for d in devices
+                if d.status is UserStatus.ACTIVE and d.signing_public is not None
+            },
         )
+
+    def reader_cert(self, now: float) -> bytes:
+        """The reader key's certificate, signed by the geofence key (devices check it)."""
+        return self.keys.reader_cert(self.reader, now)
 
     def apply(self, work: list[tuple[Due, frozenset[str]]], now: float) -> list[AppliedBatch]:
         """Write each due batch, sign the roster and the notices of the sites that changed."""

@@ -14,11 +14,20 @@ fix goes through the `Tracker`; each change (a user entered or left a site) wait
 It is level-triggered: on start it loads the subjects it persisted in ``geofence.db`` and makes
 every site channel match them; users it has no fix of at all keep what the directory says.
 
-meshchat's own GPS telemetry: the device issue defines its wire format. Until then the worker
-takes decoded fixes through either hook: pass ``telemetry=`` a `TelemetryDecoder` (called with
-the parsed topic and the raw payload; return a `Fix`, or None to drop it), and the worker
-subscribes to the telemetry topics and credits each fix to the device's owner; or call
-`GeofenceWorker.submit` with fixes decoded elsewhere.
+meshchat's own GPS telemetry (devices, `meshchat.device`): the worker is a reader of every
+device's ``gps`` key only. On start it publishes its reader certificate retained on
+``mc/{org}/_s/geofence`` (its X25519 key, signed by the geofence key the trust bundle
+certifies; devices check it before they seal a key share to it), subscribes to the shares
+devices leave on ``mc/{org}/_s/geofence/{device}`` (retained) and to ``mc/{org}/_t/+/gps``,
+and opens both through a `GpsIntake` (`meshchat.geofence.gps`: signature checks against the
+directory's device keys, a bounded wait for a fix whose share has not come, rotated keys). A
+fix of a device registered to a person counts as that person's (subject ``device:{name}``); a
+device account's own role may not be auto-joined, so its fixes change no channel. The keyring
+is not persisted: after a restart the broker hands the retained shares back.
+
+Two hooks remain for fixes decoded elsewhere: pass ``telemetry=`` a `TelemetryDecoder` (called
+with the parsed topic and the raw payload; return a `Fix`, or None to drop it) to replace the
+built-in reader, or call `GeofenceWorker.submit`.
 
 All SQLite, signing and key-file work runs on one worker thread; the state machine runs on the
 event loop (microseconds per fix).
@@ -39,9 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
 
+from meshchat.device.telemetry import GEOFENCE_READER
 from meshchat.errors import ConfigError, MeshchatError, TopicError
 from meshchat.geofence.batch import Batcher, Due
 from meshchat.geofence.effects import DirectoryView, WorkerFiles
+from meshchat.geofence.gps import GpsIntake, Intake
 from meshchat.geofence.machine import DEFAULT_REORDER_WINDOW_S, Tracker
 from meshchat.geofence.owntracks import (
     LastWill,
@@ -59,6 +70,7 @@ from meshchat.topics import (
     OWNTRACKS_PREFIX,
     PREFIX,
     OwnTracksTopic,
+    ServiceTopic,
     TelemetryTopic,
     parse_topic,
 )
@@ -116,6 +128,10 @@ class WorkerStats:
     leaves: int = 0
     notices: int = 0
     pushes: int = 0
+    shares: int = 0
+    """Telemetry key shares opened (devices' gps keys)."""
+    parked: int = 0
+    """Fixes that arrived before their key share (they wait, bounded, in the keyring)."""
 
 
 class GeofenceWorker:
@@ -149,6 +165,7 @@ class GeofenceWorker:
         self._clock = clock
         self._on_change = on_change
         self._telemetry = telemetry
+        self._gps: GpsIntake | None = None
         self.tracker = Tracker(reorder_window=self.settings.reorder_window_s)
         self.batcher = Batcher()
         self.stats = WorkerStats()
@@ -173,6 +190,11 @@ class GeofenceWorker:
         if self._view is None:
             raise ConfigError("the geofence worker is not running")
         return self._view
+
+    @property
+    def telemetry_reader(self) -> GpsIntake | None:
+        """The built-in reader of devices' GPS telemetry (None with a `TelemetryDecoder`)."""
+        return self._gps
 
     async def wait_ready(self) -> None:
         """Wait (callers bound it with `asyncio.timeout`) until the worker subscribed."""
@@ -203,6 +225,8 @@ class GeofenceWorker:
         try:
             self._files = await self._run(functools.partial(WorkerFiles, self.data_path))
             files = self._files
+            if self._telemetry is None:
+                self._gps = GpsIntake(files.reader)
             view = await self._run(files.view)
             saved = await self._run(files.store.load_subjects)
             self._install(view)
@@ -218,8 +242,13 @@ class GeofenceWorker:
             await self._publish_rosters()
             await self.transport.subscribe(f"{OWNTRACKS_PREFIX}/+/+")
             await self.transport.subscribe(f"{OWNTRACKS_PREFIX}/+/+/event")
-            if self._telemetry is not None:
-                await self.transport.subscribe(f"{PREFIX}/{view.org}/_t/+/gps")
+            if self._gps is not None:
+                # The certificate first, so a device that reads it finds the worker listening.
+                shares = ServiceTopic(view.org, GEOFENCE_READER).topic
+                await self.transport.subscribe(f"{shares}/+")
+                cert = await self._run(functools.partial(files.reader_cert, self._clock()))
+                self._publish(shares, cert, retain=True)
+            await self.transport.subscribe(f"{PREFIX}/{view.org}/_t/+/gps")
             self._push_all()
             self._ready.set()
             logger.info("geofence: %d sites, %d subjects restored", len(view.rules), len(saved))
@@ -270,7 +299,10 @@ class GeofenceWorker:
         for site, users in view.presence.items():
             if users - view.autojoin:
                 self.batcher.note(site, entered=False, now=now)
+        if self._gps is not None:
+            self._take(self._gps.directory_changed(view.device_signing))
         self._wake.set()
+        self._progress.set()
 
     def _note(self, changes: list[Change], now: float) -> None:
         for change in changes:
@@ -294,21 +326,59 @@ class GeofenceWorker:
             if parsed.suffix in {None, "event"}:
                 self._owntracks(topic, payload)
             return
-        if isinstance(parsed, TelemetryTopic) and self._telemetry is not None:
-            if parsed.kind != "gps" or parsed.org != self.view.org:
-                return
-            owner = self.view.device_owner.get(parsed.device)
-            if owner is None:
-                self._refuse("unknown-device")
-                return
-            try:
-                fix = self._telemetry(parsed, payload)
-            except Exception as exc:  # noqa: BLE001  # a decoder's bug must not stop the worker
-                logger.debug("dropped telemetry of %s: %s", parsed.device, exc)
-                self._refuse("bad-telemetry")
-                return
-            if fix is not None:
-                self.submit(f"device:{parsed.device}", owner, fix)
+        if isinstance(parsed, ServiceTopic | TelemetryTopic) and parsed.org == self.view.org:
+            if self._gps is not None:
+                self._telemetry_message(self._gps, parsed, payload)
+            elif isinstance(parsed, TelemetryTopic) and parsed.kind == "gps":
+                self._decode_hook(parsed, payload)
+
+    def _telemetry_message(
+        self, gps: GpsIntake, parsed: ServiceTopic | TelemetryTopic, payload: bytes
+    ) -> None:
+        """A key share or a fix for the built-in telemetry reader."""
+        if isinstance(parsed, ServiceTopic):
+            if parsed.service == GEOFENCE_READER and parsed.requester and not parsed.reply:
+                self._take(gps.share(parsed.requester, payload))
+        elif parsed.kind == "gps":
+            dropped = gps.dropped
+            self._take(gps.fix(parsed, payload))
+            if gps.dropped > dropped:
+                self.stats.refused["no-key"] += gps.dropped - dropped
+
+    def _decode_hook(self, parsed: TelemetryTopic, payload: bytes) -> None:
+        """A fix for the `TelemetryDecoder` the worker was given instead."""
+        assert self._telemetry is not None
+        owner = self.view.device_owner.get(parsed.device)
+        if owner is None:
+            self._refuse("unknown-device")
+            return
+        try:
+            fix = self._telemetry(parsed, payload)
+        except Exception as exc:  # noqa: BLE001  # a decoder's bug must not stop the worker
+            logger.debug("dropped telemetry of %s: %s", parsed.device, exc)
+            self._refuse("bad-telemetry")
+            return
+        if fix is not None:
+            self.submit(f"device:{parsed.device}", owner, fix)
+
+    def _take(self, intake: Intake) -> None:
+        """Count what the telemetry reader made of one message; submit its fixes."""
+        if intake.refused is not None:
+            self._refuse(intake.refused)
+            return
+        self.stats.shares += intake.shares
+        if intake.parked:
+            self.stats.parked += 1
+        for device, fix in intake.fixes:
+            self._device_fix(device, fix)
+
+    def _device_fix(self, device: str, fix: Fix) -> None:
+        """A device's fix counts for its owner (a person), or for itself (a device account)."""
+        owner = self.view.device_owner.get(device)
+        if owner is None:
+            self._refuse("unknown-device")
+            return
+        self.submit(f"device:{device}", owner, fix)
 
     def _owntracks(self, topic: str, payload: bytes) -> None:
         keys = self.view.keys
@@ -416,6 +486,7 @@ class GeofenceWorker:
         async with self._flushed:
             self._flush_count += len(applied)
             self._flushed.notify_all()
+        self._progress.set()
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         try:

@@ -112,6 +112,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
             "bob", "ops/tmp", kind=GroupKind.TEMPORARY, expires_at=time.time() - 60
         )
         directory.add_members("bob", "ops/tmp", ["carol"])
+        directory.create_group("root", "finance/trucks")
+        directory.add_members("root", "finance/trucks", ["truck-2", "erin"])
         directory.remove_user("root", "mallory")
     return World(data, tokens)
 
@@ -480,10 +482,13 @@ TABLE = [
     Row("van-7", W, f"mc/{ORG}/_p/van-7", "dave", ALLOWED),
     Row("carol", W, f"mc/{ORG}/_p/van-7", "dave", REFUSED),
     Row("van-7", W, f"mc/{ORG}/_p/truck-2", "dave", REFUSED),
-    # telemetry: the device publishes; admins and the device's department read
+    # telemetry: the device publishes; admins and the device's department read ...
     Row("carol", R, f"mc/{ORG}/_t/van-7/status", "van-7", ALLOWED),
     Row("dave", R, f"mc/{ORG}/_t/van-7/status", "van-7", REFUSED),
     Row("dave", R, f"mc/{ORG}/_t/truck-2/gps", "truck-2", ALLOWED),
+    # ... and the people who share a group with the device (its dispatch group), any department
+    Row("erin", R, f"mc/{ORG}/_t/truck-2/gps", "truck-2", ALLOWED),
+    Row("carol", R, f"mc/{ORG}/_t/truck-2/status", "truck-2", REFUSED),
     Row("root", R, f"mc/{ORG}/_t/van-7/gps", "van-7", ALLOWED),
     Row("van-7", W, f"mc/{ORG}/_t/van-7/gps", "root", ALLOWED),
     Row("van-7", W, f"mc/{ORG}/_t/truck-2/gps", "root", REFUSED),

@@ -129,7 +129,8 @@ def joined(fleet: Fleet, *members: str) -> Output:
 def test_start_follows_inbox_and_groups_and_gives_the_geofence_the_fixes_only_key() -> None:
     fleet = make_fleet()
     out = fleet.core.start(now=NOW)
-    assert out.subscribe == ["mc/acme/_d/van-1", GROUPS_TOPIC]
+    # The inbox, the group list, and the geofence worker's reader certificate.
+    assert out.subscribe == ["mc/acme/_d/van-1", GROUPS_TOPIC, "mc/acme/_s/geofence"]
     (share,) = geofence_shares(out)
     assert share.retain
     assert share.qos == 1

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from cli import app
 from meshchat.broker import BrokerSettings
 from meshchat.client import Transport
 from meshchat.datadir import DataDir
@@ -328,3 +330,41 @@ def test_the_directory_service_signs_site_rosters_with_the_geofence_key(org: Org
         org.trust.roster_tracker().accept(envelope, arrived_on=group)
         signers[group] = envelope.signer
     assert signers == {CHANNEL: "geofence", "mc/acme/ops/line1": "dir"}
+
+
+async def test_site_remove_empties_the_channel_and_the_worker_stops_evaluating_it(
+    org: Org, site: Site
+) -> None:
+    now = time.time()
+    async with site.login("carol", "carol.owntracks") as owntracks:
+        for ts in (now - 100, now - 60):
+            await owntracks.publish(OWNTRACKS, location(0, ts))
+        async with asyncio.timeout(15):
+            await site.worker.wait_flushed(1)
+        runner = CliRunner()
+        result = runner.invoke(
+            app, ["site", "remove", "plant-3", "--json", "--data", str(org.data)]
+        )
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) == {
+            "site": "plant-3",
+            "channel": "sites/plant-3",
+            "removed_members": ["bob", "carol"],
+        }
+        async with asyncio.timeout(15):
+            await site.worker.wait_for(lambda _: "plant-3" not in site.worker.tracker.sites)
+        # Fixes inside the old fence change nothing any more.
+        joins = site.worker.stats.joins
+        for ts in (now - 50, now - 10):
+            await owntracks.publish(OWNTRACKS, location(0, ts))
+        async with asyncio.timeout(15):
+            await site.worker.wait_for(lambda stats: stats.fixes >= 4)
+        assert site.worker.stats.joins == joins
+    with Directory.in_data_dir(org.data) as directory:
+        assert directory.group("sites/plant-3").members == frozenset()
+        assert [s.name for s in directory.sites()] == []
+        (entry,) = [e for e in directory.audit_entries() if e.action == "site.remove"]
+        assert json.loads(entry.details) == {"members": ["bob", "carol"]}
+    unknown = CliRunner().invoke(app, ["site", "remove", "nope", "--data", str(org.data)])
+    assert unknown.exit_code == 1
+    assert unknown.output.strip().splitlines() == ["error: no site 'nope'"]
