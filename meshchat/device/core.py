@@ -62,7 +62,7 @@ from meshchat.e2ee import (
 from meshchat.e2ee.telemetry import TelemetrySealer, open_reader_cert
 from meshchat.envelope import GroupMessage, decode
 from meshchat.errors import E2EEError, EnvelopeError, OrderError, TopicError
-from meshchat.rpc import PUSH_ID, decode_reply
+from meshchat.rpc import PUSH_ID, Request, decode_reply
 from meshchat.topics import (
     GroupTopic,
     InboxTopic,
@@ -89,11 +89,15 @@ ONLINE: Final = b"online"
 OFFLINE: Final = b"offline"
 """Presence payloads, the same as people's clients publish (``_p/{device}``, retained)."""
 DIRECTORY_SERVICE: Final = "dir"
+ARCHIVE_SERVICE: Final = "archive"
 MAX_KEPT_ORDERS: Final = 1000
 MAX_PENDING_ALERTS: Final = 100
 """Alert posts kept while the alert group's roster or members' keys are not here yet."""
 """Finished orders remembered (so a redelivery is recognised); open ones are always kept."""
-_STATE_VERSION: Final = 1
+_STATE_VERSION: Final = 2
+_STATE_VERSIONS: Final = frozenset({1, _STATE_VERSION})
+MAX_INBOX_PAGES: Final = 50
+"""Pages of the archived inbox a first run reads at most (64 KiB each)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +188,10 @@ class DeviceCore:
         self.groups: set[str] = set()
         self.orders: dict[str, WorkOrder] = {}
         session_state: bytes | None = None
+        self.inbox_synced = False
+        """Whether the inbox the archiver kept was read once (a device's first run reads it)."""
         if state is not None:
-            session_state, self.groups, self.orders = _restore(state)
+            session_state, self.groups, self.orders, self.inbox_synced = _restore(state)
         if session_state is None:
             self.session = DeviceSession(
                 trust=credentials.trust,
@@ -212,6 +218,8 @@ class DeviceCore:
         self.alert_group = alert_group or credentials.group
         self._pending_alerts: list[AlertPost] = []
         self._following: set[str] = set()
+        self._inbox_request: bytes | None = None
+        self._inbox_pages = 0
 
     # ------------------------------------------------------------------------------ topics
 
@@ -247,6 +255,8 @@ class DeviceCore:
     def subscriptions(self) -> list[str]:
         """Everything to subscribe to on a fresh session (QoS 1)."""
         topics = [self.inbox_topic, self.groups_topic, self.reader_topic]
+        if not self.inbox_synced:
+            topics.append(ServiceTopic(self.org, ARCHIVE_SERVICE, self.device, reply=True).topic)
         topics.extend(self._group_topic(path).roster.topic for path in sorted(self.groups))
         topics.extend(KeyTopic(self.org, user).topic for user in sorted(self._following))
         return topics
@@ -267,7 +277,13 @@ class DeviceCore:
             for o in self.orders.values()
         ]
         packed: bytes = msgpack.packb(
-            [_STATE_VERSION, self.session.to_bytes(), sorted(self.groups), orders],
+            [
+                _STATE_VERSION,
+                self.session.to_bytes(),
+                sorted(self.groups),
+                orders,
+                self.inbox_synced,
+            ],
             use_bin_type=True,
         )
         return packed
@@ -409,20 +425,74 @@ class DeviceCore:
         match parsed:
             case ServiceTopic(service=service, requester=None) if service == GEOFENCE_READER:
                 out = self._on_reader_cert(payload, now=now)
+            case ServiceTopic(service=service, reply=True) if service == ARCHIVE_SERVICE:
+                out = self._on_inbox_page(payload, now=now)
             case ServiceTopic(reply=True):
                 out = self._on_groups(payload, now=now)
+                out.extend(self._sync_inbox())
             case RosterTopic() if payload:
                 step = self.session.on_roster(parsed.group_topic.topic, payload)
                 out = self._step(step, now=now)
                 out.extend(self._follow_members())
                 out.extend(self._share(now=now))
                 out.extend(self.alerts([], now=now))
+                out.extend(self._sync_inbox())
             case KeyTopic(user=user) if payload:
                 out = self._step(self.session.on_key_record(user, payload), now=now)
                 out.extend(self._share(now=now))
                 out.extend(self.alerts([], now=now))
+                out.extend(self._sync_inbox())
             case InboxTopic():
                 out = self._step(self.session.on_inbox(payload), now=now)
+        return out
+
+    # ------------------------------------------------------------------- first-run inbox
+
+    def _sync_inbox(self, cursor: object = None) -> Output:
+        """On a device's first run, ask the archiver for what reached its inbox before.
+
+        Until a device first connects, the broker holds no session for it and drops what is
+        sent to its inbox (a work order to a van still in its box); the archiver keeps every
+        inbox. The request waits until the device knows its dispatchers (their rosters and
+        key records), since orders are taken from them only.
+        """
+        if self.inbox_synced or (self._inbox_request is not None and cursor is None):
+            return Output()
+        if not self.dispatchers():
+            return Output()
+        request = Request("inbox", (self.device, None, cursor))
+        self._inbox_request = request.id
+        topic = ServiceTopic(self.org, ARCHIVE_SERVICE, self.device).topic
+        return Output(publish=[Publication(topic, request.encode())])
+
+    def _on_inbox_page(self, payload: bytes, *, now: float) -> Output:
+        try:
+            reply = decode_reply(payload)
+        except EnvelopeError as exc:
+            logger.warning("ignored a malformed archive reply: %s", exc)
+            return Output()
+        if self._inbox_request is None or reply.id != self._inbox_request:
+            return Output()
+        out = Output()
+        cursor: object = None
+        match reply.value if reply.ok else None:
+            case [list(items), next_cursor]:
+                for item in items:
+                    envelope = item[-1] if isinstance(item, list) and item else None
+                    if isinstance(envelope, bytes):
+                        out.extend(self._step(self.session.on_inbox(envelope), now=now))
+                cursor = next_cursor
+            case _:
+                logger.warning(
+                    "%s: no inbox history from the archiver: %s", self.device, reply.value
+                )
+        self._inbox_pages += 1
+        if cursor is not None and self._inbox_pages < MAX_INBOX_PAGES:
+            out.extend(self._sync_inbox(cursor))
+            return out
+        self.inbox_synced = True
+        self._inbox_request = None
+        out.state_changed = True
         return out
 
     def _on_reader_cert(self, payload: bytes, *, now: float) -> Output:
@@ -624,11 +694,13 @@ def _publication(item: Outgoing) -> Publication:
     return Publication(item.topic, item.payload, retain=item.retain)
 
 
-def _restore(state: bytes) -> tuple[bytes, set[str], dict[str, WorkOrder]]:
+def _restore(state: bytes) -> tuple[bytes, set[str], dict[str, WorkOrder], bool]:
     try:
-        version, session, groups, orders = msgpack.unpackb(state, raw=False, max_map_len=0)
-        if version != _STATE_VERSION or not isinstance(session, bytes):
+        version, session, groups, orders, *rest = msgpack.unpackb(state, raw=False, max_map_len=0)
+        if version not in _STATE_VERSIONS or not isinstance(session, bytes):
             raise E2EEError("the device's saved state is from another version of meshchat")
+        # Version 1 was saved by devices that had connected: their sessions hold their inbox.
+        synced = bool(rest[0]) if version == _STATE_VERSION else True
         kept = {
             str(o[0]): WorkOrder(
                 str(o[0]), str(o[1]), str(o[2]), str(o[3]), int(o[4]), OrderState(o[5]), str(o[6])
@@ -637,4 +709,4 @@ def _restore(state: bytes) -> tuple[bytes, set[str], dict[str, WorkOrder]]:
         }
     except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
         raise E2EEError(f"the device's saved state is corrupt: {exc}") from exc
-    return session, {str(g) for g in groups}, kept
+    return session, {str(g) for g in groups}, kept, synced

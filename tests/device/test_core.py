@@ -26,12 +26,14 @@ from meshchat.e2ee import BoxKeyPair, DeviceSession, Direct, Kind
 from meshchat.e2ee.telemetry import TelemetryKey, TelemetryKeyring
 from meshchat.envelope import encode
 from meshchat.errors import DecryptError
-from meshchat.rpc import PUSH_ID, Reply
+from meshchat.rpc import PUSH_ID, Reply, decode_request
 from meshchat.topics import InboxTopic, KeyTopic, TelemetryTopic, parse_topic
 from tests.e2ee.org import NOW, Device, Org
 
 DISPATCH = "mc/acme/ops/dispatch"
 GROUPS_TOPIC = "mc/acme/_s/dir/van-1/reply"
+ARCHIVE_REQUESTS = "mc/acme/_s/archive/van-1"
+ARCHIVE_REPLIES = "mc/acme/_s/archive/van-1/reply"
 STATUS = TelemetryTopic("acme", "van-1", "status")
 
 
@@ -129,8 +131,14 @@ def joined(fleet: Fleet, *members: str) -> Output:
 def test_start_follows_inbox_and_groups_and_gives_the_geofence_the_fixes_only_key() -> None:
     fleet = make_fleet()
     out = fleet.core.start(now=NOW)
-    # The inbox, the group list, and the geofence worker's reader certificate.
-    assert out.subscribe == ["mc/acme/_d/van-1", GROUPS_TOPIC, "mc/acme/_s/geofence"]
+    # The inbox, the group list, the geofence worker's reader certificate, and (on a first
+    # run) the archiver's answers about what reached the inbox before.
+    assert out.subscribe == [
+        "mc/acme/_d/van-1",
+        GROUPS_TOPIC,
+        "mc/acme/_s/geofence",
+        ARCHIVE_REPLIES,
+    ]
     (share,) = geofence_shares(out)
     assert share.retain
     assert share.qos == 1
@@ -351,3 +359,42 @@ def test_a_device_in_no_group_is_synced_once_it_hears_so() -> None:
     fleet.core.start(now=NOW)
     fleet.groups()
     assert fleet.core.synced
+
+
+def inbox_read(core: DeviceCore) -> bool:
+    return core.inbox_synced
+
+
+def test_a_first_run_reads_its_archived_inbox_once_it_knows_its_dispatchers() -> None:
+    fleet = make_fleet()
+    started = fleet.core.start(now=NOW)
+    assert not [p for p in started.publish if p.topic == ARCHIVE_REQUESTS]  # no dispatchers yet
+    out = joined(fleet, "bob", "van-1")
+    (asked,) = [p for p in out.publish if p.topic == ARCHIVE_REQUESTS]
+    request = decode_request(asked.payload)
+    assert (request.op, request.args[0]) == ("inbox", "van-1")
+    # A page with a cursor asks for the next one; the last page ends the catch-up for good.
+    more = fleet.core.on_message(
+        ARCHIVE_REPLIES, Reply.success(request, [[], b"cursor"]).encode(), now=NOW
+    )
+    (asked_again,) = [p for p in more.publish if p.topic == ARCHIVE_REQUESTS]
+    following = decode_request(asked_again.payload)
+    assert following.args[2] == b"cursor"
+    assert not inbox_read(fleet.core)
+    done = fleet.core.on_message(
+        ARCHIVE_REPLIES, Reply.success(following, [[], None]).encode(), now=NOW
+    )
+    assert done.state_changed
+    assert inbox_read(fleet.core)
+    restarted = DeviceCore(fleet.credentials(), state=fleet.core.state(), now=NOW + 60)
+    again = restarted.start(now=NOW + 60)
+    assert ARCHIVE_REPLIES not in again.subscribe
+    assert not [p for p in again.publish if p.topic == ARCHIVE_REQUESTS]
+
+
+def test_a_reply_to_someone_elses_request_is_ignored() -> None:
+    fleet = make_fleet()
+    joined(fleet, "bob", "van-1")
+    forged = Reply(b"x" * 8, ok=True, value=[[], None]).encode()
+    fleet.core.on_message(ARCHIVE_REPLIES, forged, now=NOW)
+    assert not fleet.core.inbox_synced

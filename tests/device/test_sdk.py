@@ -261,6 +261,37 @@ async def test_an_order_sent_while_offline_arrives_once_and_its_answers_reach_th
         assert [o.order_id for o in bob.dispatch.orders(open_only=True)] == []
 
 
+async def test_an_order_sent_before_the_device_ever_connected_arrives_on_its_first_run(
+    fleet: Fleet,
+) -> None:
+    made = await fleet.add_device("van-1")
+    fleet.directory.add_members("root", made.group, ["bob"])
+    bob_profile = await fleet.login("bob")
+    async with Client(bob_profile) as bob:
+        # The broker holds no session for the van yet: only the archiver keeps this.
+        sent = await bob.send_order("van-1", "collect the spare tyre at depot 2")
+        async with asyncio.timeout(WAIT):
+            await bob.flush()
+        orders: list[Order] = []
+        arrived = threading.Event()
+
+        def on_order(order: Order) -> None:
+            orders.append(order)
+            order.accept()
+            arrived.set()
+
+        async with running(Device(made.path, broker=fleet.url, on_order=on_order)):
+            assert await asyncio.to_thread(arrived.wait, WAIT)
+            await wait_state(bob, sent.order_id, OrderState.ACCEPTED)
+        assert [(o.order_id, o.text) for o in orders] == [
+            (sent.order_id, "collect the spare tyre at depot 2")
+        ]
+        again: list[Order] = []
+        async with running(Device(made.path, broker=fleet.url, on_order=again.append)) as van:
+            assert await asyncio.to_thread(van.wait_synced, WAIT)
+        assert again == []  # read from the archive once, not on every start
+
+
 async def test_an_unanswered_order_is_handed_over_again_after_a_crash(fleet: Fleet) -> None:
     made = await fleet.add_device("van-1")
     fleet.directory.add_members("root", made.group, ["bob"])
