@@ -27,6 +27,7 @@ BOB = Principal(PrincipalKind.USER, "bob", "bob.cli")
 CAROL = Principal(PrincipalKind.USER, "carol", "carol-phone", "carol-phone")
 DAVE = Principal(PrincipalKind.USER, "dave", "dave.cli")
 ERIN = Principal(PrincipalKind.USER, "erin", "erin.cli")
+FRED = Principal(PrincipalKind.USER, "fred", "fred.cli")
 VAN = Principal(PrincipalKind.USER, "van-7", "van-7", "van-7")
 ARCHIVE = Principal(PrincipalKind.SERVICE, "archive", "svc.archive")
 GEOFENCE = Principal(PrincipalKind.SERVICE, "geofence", "svc.geofence")
@@ -43,6 +44,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Directory,
         directory.add_user("root", "carol", dept="ops", password="carol password")
         directory.add_user("root", "dave", dept="finance", password="dave password")
         directory.add_user("root", "erin", dept="ops")
+        directory.add_user("root", "fred", dept="finance", password="fred password")
         directory.add_user("root", "van-7", dept="ops", role=Role.DEVICE)
         tokens = {
             "carol-phone": directory.add_device("carol", "carol-phone", owner="carol"),
@@ -55,6 +57,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Directory,
         directory.create_group("root", "finance/all", announcement=True)
         directory.add_members("root", "finance/all", ["bob", "dave"])
         directory.create_group("bob", "ops/tmp", kind=GroupKind.TEMPORARY, expires_at=NOW - 1)
+        directory.create_group("root", "finance/vans")  # a dispatch group across departments
+        directory.add_members("root", "finance/vans", ["van-7", "fred"])
         directory.add_site("root", "plant-3", lat=48.1, lon=11.5, radius_m=200)
         yield directory, tokens
 
@@ -113,6 +117,20 @@ TABLE = [
     (DAVE, SUB, "mc/acme/_t/van-7/status", False),
     (ROOT, SUB, "mc/acme/_t/van-7/gps", True),
     (GEOFENCE, SUB, "mc/acme/_t/van-7/gps", True),
+    (FRED, SUB, "mc/acme/_t/van-7/gps", True),  # shares finance/vans with the van
+    (FRED, RECV, "mc/acme/_t/van-7/status", True),
+    (FRED, PUB, "mc/acme/_t/van-7/gps", False),
+    # the geofence's reader certificate is public; a device's key share is for the geofence
+    (CAROL, SUB, "mc/acme/_s/geofence", True),
+    (CAROL, PUB, "mc/acme/_s/geofence", False),
+    (GEOFENCE, PUB, "mc/acme/_s/geofence", True),
+    (VAN, PUB, "mc/acme/_s/geofence/van-7", True),
+    (VAN, PUB, "mc/acme/_s/geofence/carol-phone", False),
+    (CAROL, PUB, "mc/acme/_s/geofence/van-7", False),
+    (BOB, PUB, "mc/acme/_s/geofence/bob", False),  # a person's session speaks for no device
+    (CAROL, SUB, "mc/acme/_s/geofence/van-7", False),
+    (VAN, SUB, "mc/acme/_s/geofence/van-7", False),
+    (GEOFENCE, SUB, "mc/acme/_s/geofence/+", True),
     # services
     (BOB, PUB, "mc/acme/_s/archive", False),  # requests name their sender
     (BOB, PUB, "mc/acme/_s/archive/bob", True),
