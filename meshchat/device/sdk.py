@@ -9,7 +9,9 @@ background thread:
   after they were handled and the device's state saved (paho's manual acknowledgements);
 - a last will that marks the device offline (``_p/{device}``, retained), an ``online`` birth
   message on every connect, and ``offline`` again on a clean `close`;
-- reconnects with exponential backoff (paho's, from `min_backoff` doubling to `max_backoff`);
+- reconnects with exponential backoff and jitter (from `min_backoff` doubling to `max_backoff`,
+  each wait drawn between half and all of it, so a fleet that lost the broker at once does
+  not come back at once);
 - a refused login (revoked device, wrong token) stops it for good with `AuthenticationError`;
 - work orders from the people in its dispatch groups reach `on_order` once each (kept in the
   state file before the broker's copy is acknowledged; an order still unanswered when the
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -243,7 +246,7 @@ class Device:
 
     def _make_client(self, ca_file: Path | str | None, low: int, high: int) -> mqtt.Client:
         websockets = self._scheme in {"ws", "wss"}
-        client = mqtt.Client(
+        client = _JitteredClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.credentials.device,
             clean_session=False,
@@ -652,6 +655,39 @@ class Device:
             return out
 
         self._emit(self._compute(make))
+
+
+def next_backoff(
+    nominal: float | None, low: float, high: float, draw: Callable[[], float] = random.random
+) -> tuple[float, float]:
+    """The next reconnect wait: (nominal delay, the wait drawn from it).
+
+    The nominal delay starts at `low` and doubles up to `high`; the wait is drawn uniformly
+    between half of it and all of it ("equal jitter").
+    """
+    step = low if nominal is None else min(nominal * 2, high)
+    return step, step * (0.5 + draw() / 2)
+
+
+class _JitteredClient(mqtt.Client):
+    """paho's client with jitter on its exponential reconnect delays.
+
+    paho (2.x) doubles ``_reconnect_delay`` from the minimum on every failed attempt and resets
+    it to None once connected, with no jitter and no hook: before each wait this sets it to
+    half the drawn wait, which paho then doubles. The nominal delay is kept apart.
+    """
+
+    _nominal: float | None = None
+
+    def _reconnect_wait(self) -> None:
+        with self._reconnect_delay_mutex:
+            if self._reconnect_delay is None:  # connected since the last wait: start over
+                self._nominal = None
+            self._nominal, wait = next_backoff(
+                self._nominal, self._reconnect_min_delay, self._reconnect_max_delay
+            )
+            self._reconnect_delay = wait / 2  # type: ignore[assignment]  # paho sleeps on floats
+        super()._reconnect_wait()
 
 
 def _parse_url(url: str) -> tuple[str, str, int, str]:

@@ -11,11 +11,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion, _ConnectionState
 
 from meshchat.client import Client, Message, Transport
 from meshchat.client.dispatch import LedgerOrder
 from meshchat.client.fleet import Fleet as FleetView
 from meshchat.device import Device, GpsFix, Order, OrderState, decode_fix, open_key_share
+from meshchat.device.sdk import _JitteredClient, next_backoff
 from meshchat.directory.policy import GEOFENCE_SERVICE, SERVICE_PREFIX
 from meshchat.e2ee import Kind
 from meshchat.errors import AuthenticationError, NotFoundError, OrderError, TelemetryError
@@ -371,3 +373,33 @@ async def test_an_alert_storm_is_one_message_with_a_count(fleet: Fleet) -> None:
         assert alert.sender == "van-1"
         assert alert.body.startswith("ALERT van-1: battery 9% (rule: battery < 15) x100, last ")
         assert alert.edited_at is not None
+
+
+def test_reconnect_waits_double_up_to_the_cap_and_are_spread_out() -> None:
+    nominal: float | None = None
+    nominals = []
+    for _ in range(8):
+        nominal, wait = next_backoff(nominal, 1, 60)
+        nominals.append(nominal)
+        assert nominal / 2 <= wait <= nominal
+    assert nominals == [1, 2, 4, 8, 16, 32, 60, 60]
+    # A fleet that lost the broker together does not come back together.
+    first_waits = {round(next_backoff(None, 2, 60)[1], 3) for _ in range(100)}
+    assert len(first_waits) > 50
+    assert min(first_waits) >= 1.0
+    assert max(first_waits) <= 2.0
+
+
+def test_paho_takes_its_reconnect_wait_from_the_jittered_client() -> None:
+    device_client = _JitteredClient(CallbackAPIVersion.VERSION2, client_id="van-1")
+    device_client.reconnect_delay_set(1, 60)
+    device_client._state = _ConnectionState.MQTT_CS_DISCONNECTED  # wait returns
+    waits = []
+    for _ in range(4):
+        device_client._reconnect_wait()  # what paho's loop calls between attempts
+        waits.append(device_client._reconnect_delay)
+    assert all(wait is not None for wait in waits)
+    assert [w for w in waits if w is not None] != [1, 2, 4, 8]  # jittered, not paho's own
+    for wait, nominal in zip(waits, [1, 2, 4, 8], strict=True):
+        assert wait is not None
+        assert nominal / 2 <= wait <= nominal
