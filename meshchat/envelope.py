@@ -48,6 +48,7 @@ import msgpack
 
 from meshchat.errors import EnvelopeError, TopicError
 from meshchat.topics import validate_name
+from meshchat.wire import unpack
 
 __all__ = [
     "DIST_KEY_LEN",
@@ -298,22 +299,7 @@ _FIELD_COUNT: Final = {
 
 
 def _unpack_fields(data: bytes, kind: EnvelopeType) -> list[object]:
-    try:
-        fields = msgpack.unpackb(
-            data,
-            use_list=True,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=256,
-            max_bin_len=MAX_BODY_LEN,
-            max_array_len=8,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-        # ExtraData, FormatError, StackError and every limit violation derive from these.
-        detail = str(exc) or type(exc).__name__
-        raise EnvelopeError(f"envelope body is not valid msgpack: {detail}") from exc
+    fields = unpack(data, "envelope body", max_str=256, max_bin=MAX_BODY_LEN, max_array=8)
     if not isinstance(fields, list):
         raise EnvelopeError(f"envelope body must be an array, not {type(fields).__name__}")
     expected = _FIELD_COUNT[kind]

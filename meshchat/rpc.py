@@ -15,6 +15,7 @@ from typing import Final
 import msgpack
 
 from meshchat.errors import EnvelopeError
+from meshchat.wire import unpack
 
 __all__ = [
     "MAX_RPC_LEN",
@@ -85,19 +86,7 @@ class Reply:
 def _unpack(payload: bytes, what: str) -> object:
     if len(payload) > MAX_RPC_LEN:
         raise EnvelopeError(f"{what} is {len(payload)} bytes; the limit is {MAX_RPC_LEN}")
-    try:
-        return msgpack.unpackb(
-            payload,
-            raw=False,
-            max_str_len=MAX_RPC_LEN,
-            max_bin_len=MAX_RPC_LEN,
-            max_array_len=4096,
-            max_map_len=0,
-            max_ext_len=0,
-            strict_map_key=True,
-        )
-    except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-        raise EnvelopeError(f"{what} is not valid msgpack: {exc}") from exc
+    return unpack(payload, what, max_str=MAX_RPC_LEN, max_bin=MAX_RPC_LEN, max_array=4096)
 
 
 def decode_request(payload: bytes) -> Request:

@@ -26,8 +26,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import Final
 
-import msgpack
-
 from meshchat.envelope import (
     MAX_ENVELOPE_LEN,
     MAX_STATEMENT_LEN,
@@ -42,6 +40,7 @@ from meshchat.envelope import (
 )
 from meshchat.errors import EnvelopeError, MeshchatError, TopicError
 from meshchat.topics import GroupTopic, InboxTopic, KeyTopic, parse_topic
+from meshchat.wire import unpack
 
 __all__ = [
     "ACCEPTED",
@@ -156,18 +155,13 @@ def dist_chain(envelope: Distribution) -> tuple[str, int, int]:
     Raises:
         EnvelopeError: the statement is malformed.
     """
-    try:
-        fields = msgpack.unpackb(
-            envelope.statement,
-            raw=False,
-            max_str_len=MAX_STATEMENT_LEN,
-            max_bin_len=64,
-            max_array_len=5,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-        raise EnvelopeError(f"distribution statement is not valid msgpack: {exc}") from exc
+    fields = unpack(
+        envelope.statement,
+        "distribution statement",
+        max_str=MAX_STATEMENT_LEN,
+        max_bin=64,
+        max_array=5,
+    )
     match fields:
         case [str(path), int(chain_id), int(index), bytes(), bytes()] if (
             type(chain_id) is int

@@ -53,6 +53,7 @@ from meshchat.e2ee.telemetry import (
 from meshchat.envelope import Sealed, Telemetry, decode, encode
 from meshchat.errors import DecryptError, EnvelopeError, TelemetryError
 from meshchat.topics import ServiceTopic, TelemetryTopic
+from meshchat.wire import unpack
 
 __all__ = [
     "GEOFENCE_READER",
@@ -187,20 +188,16 @@ def encode_gps(fix: GpsFix) -> bytes:
 def _unpack(data: bytes, what: str) -> object:
     if len(data) > _MAX_PLAINTEXT:
         raise TelemetryError(f"{what} is {len(data)} bytes; the limit is {_MAX_PLAINTEXT}")
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=False,
-            max_str_len=_MAX_PLAINTEXT,
-            max_bin_len=0,
-            max_array_len=8,
-            max_map_len=MAX_EXTRA,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-        detail = str(exc) or type(exc).__name__
-        raise TelemetryError(f"{what} is not valid msgpack: {detail}") from exc
+    return unpack(
+        data,
+        what,
+        strict_map_key=False,
+        max_str=_MAX_PLAINTEXT,
+        max_bin=0,
+        max_array=8,
+        max_map=MAX_EXTRA,
+        error=TelemetryError,
+    )
 
 
 def _optional_int(value: object, name: str, low: int, high: int) -> int | None:

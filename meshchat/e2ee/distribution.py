@@ -33,6 +33,7 @@ from meshchat.e2ee.keys import BoxKeyPair, SigningKeyPair, verify
 from meshchat.envelope import MAX_STATEMENT_LEN, Distribution
 from meshchat.errors import DecryptError, EnvelopeError, TopicError
 from meshchat.topics import GroupTopic, parse_topic
+from meshchat.wire import unpack
 
 __all__ = ["ReceivedShare", "open_distribution", "seal_distribution"]
 
@@ -104,18 +105,9 @@ def seal_distribution(
 
 
 def _parse_statement(statement: bytes) -> tuple[str, int, int, bytes, bytes]:
-    try:
-        fields = msgpack.unpackb(
-            statement,
-            raw=False,
-            max_str_len=MAX_STATEMENT_LEN,
-            max_bin_len=64,
-            max_array_len=5,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-        raise EnvelopeError(f"distribution statement is not valid msgpack: {exc}") from exc
+    fields = unpack(
+        statement, "distribution statement", max_str=MAX_STATEMENT_LEN, max_bin=64, max_array=5
+    )
     match fields:
         case [str(topic), int(chain_id), int(index), bytes(vk), bytes(epk)] if (
             0 < chain_id < 2**32

@@ -30,6 +30,7 @@ from meshchat.e2ee.trust import OrgTrust
 from meshchat.envelope import Signed, decode
 from meshchat.errors import E2EEError, EnvelopeError, TopicError
 from meshchat.topics import GroupTopic, parse_topic, validate_name
+from meshchat.wire import unpack
 
 __all__ = [
     "MAX_NOTICE_TEXT",
@@ -128,18 +129,7 @@ class Notice:
         """
         if len(payload) > _MAX_PAYLOAD:
             raise EnvelopeError(f"notice is over {_MAX_PAYLOAD} bytes")
-        try:
-            fields = msgpack.unpackb(
-                payload,
-                raw=False,
-                max_str_len=_MAX_PAYLOAD,
-                max_bin_len=0,
-                max_array_len=16,
-                max_map_len=0,
-                max_ext_len=0,
-            )
-        except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-            raise EnvelopeError(f"notice is not valid msgpack: {exc}") from exc
+        fields = unpack(payload, "notice", max_str=_MAX_PAYLOAD, max_bin=0, max_array=16)
         match fields:
             case [
                 str(tag),

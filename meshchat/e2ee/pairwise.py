@@ -19,6 +19,7 @@ import nacl.public
 from meshchat.e2ee.keys import BoxKeyPair, SigningKeyPair, verify
 from meshchat.envelope import MAX_SEALED_LEN, SIG_LEN, Sealed
 from meshchat.errors import DecryptError, EnvelopeError
+from meshchat.wire import unpack
 
 __all__ = ["PairKind", "Pairwise", "WithheldReason", "open_pairwise", "seal_pairwise"]
 
@@ -122,18 +123,9 @@ def open_pairwise(
             f"pairwise payload from {envelope.sender} is not sealed to {recipient}",
             reason="bad-ciphertext",
         ) from exc
-    try:
-        items = msgpack.unpackb(
-            inner,
-            raw=False,
-            max_str_len=MAX_SEALED_LEN,
-            max_bin_len=MAX_SEALED_LEN,
-            max_array_len=9,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-        raise EnvelopeError(f"pairwise payload is not valid msgpack: {exc}") from exc
+    items = unpack(
+        inner, "pairwise payload", max_str=MAX_SEALED_LEN, max_bin=MAX_SEALED_LEN, max_array=9
+    )
     match items:
         case [int(raw_kind), str(inner_sender), str(inner_recipient), *fields] if raw_kind in set(
             PairKind

@@ -21,6 +21,7 @@ from typing import Final
 import msgpack
 
 from meshchat.errors import EnvelopeError
+from meshchat.wire import unpack
 
 __all__ = ["FIELDS", "Inner", "InnerCodec", "Kind", "decode_inner", "encode_inner"]
 
@@ -201,20 +202,9 @@ def decode_inner(data: bytes) -> Inner:
     if head >> 7:
         raise EnvelopeError("message header has a reserved bit set")
     body = data[1:] if codec is InnerCodec.PLAIN else _inflate(data[1:])
-    try:
-        items = msgpack.unpackb(
-            body,
-            raw=False,
-            max_str_len=MAX_INNER_LEN,
-            max_bin_len=MAX_INNER_LEN,
-            max_array_len=_MAX_REFS + 8,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-        raise EnvelopeError(
-            f"message is not valid msgpack: {str(exc) or type(exc).__name__}"
-        ) from exc
+    items = unpack(
+        body, "message", max_str=MAX_INNER_LEN, max_bin=MAX_INNER_LEN, max_array=_MAX_REFS + 8
+    )
     if not isinstance(items, list) or not items:
         raise EnvelopeError("message must be a non-empty array")
     ts, *fields = items

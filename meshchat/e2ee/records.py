@@ -22,6 +22,7 @@ from meshchat.e2ee.roster import SignerCert, verify_signer
 from meshchat.envelope import Signed
 from meshchat.errors import E2EEError, EnvelopeError, TopicError
 from meshchat.topics import validate_name
+from meshchat.wire import unpack
 
 __all__ = [
     "DeviceKeys",
@@ -102,18 +103,7 @@ class KeyRecord:
         Raises:
             EnvelopeError: malformed.
         """
-        try:
-            fields = msgpack.unpackb(
-                payload,
-                raw=False,
-                max_array_len=MAX_DEVICES,
-                max_str_len=64,
-                max_bin_len=64,
-                max_map_len=0,
-                max_ext_len=0,
-            )
-        except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-            raise EnvelopeError(f"key record is not valid msgpack: {exc}") from exc
+        fields = unpack(payload, "key record", max_array=MAX_DEVICES, max_str=64, max_bin=64)
         match fields:
             case [str(user), int(version), bytes(identity), bytes(cert), list(devices)] if (
                 0 <= version < 2**63 and len(identity) == 32 and len(cert) == 64

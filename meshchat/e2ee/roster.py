@@ -25,6 +25,7 @@ from meshchat.e2ee.keys import SigningKeyPair, verify
 from meshchat.envelope import Signed
 from meshchat.errors import E2EEError, EnvelopeError, TopicError
 from meshchat.topics import GroupTopic, parse_topic, validate_name
+from meshchat.wire import unpack
 
 __all__ = [
     "GENESIS_HASH",
@@ -108,18 +109,7 @@ class Roster:
         Raises:
             EnvelopeError: malformed.
         """
-        try:
-            fields = msgpack.unpackb(
-                payload,
-                raw=False,
-                max_array_len=MAX_MEMBERS,
-                max_str_len=256,
-                max_bin_len=32,
-                max_map_len=0,
-                max_ext_len=0,
-            )
-        except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-            raise EnvelopeError(f"roster is not valid msgpack: {exc}") from exc
+        fields = unpack(payload, "roster", max_array=MAX_MEMBERS, max_str=256, max_bin=32)
         match fields:
             case [
                 str(topic),

@@ -54,6 +54,7 @@ from meshchat.e2ee.trust import OrgTrust
 from meshchat.envelope import Telemetry, decode, encode
 from meshchat.errors import DecryptError, E2EEError, EnvelopeError, TopicError
 from meshchat.topics import TelemetryTopic, parse_topic
+from meshchat.wire import unpack
 
 __all__ = [
     "MAX_PARKED",
@@ -481,18 +482,7 @@ def open_reader_cert(data: bytes, trust: OrgTrust) -> ReaderCert:
     """
     if len(data) > _MAX_READER_CERT:
         raise EnvelopeError(f"a reader certificate is at most {_MAX_READER_CERT} bytes")
-    try:
-        fields = msgpack.unpackb(
-            data,
-            raw=False,
-            max_str_len=64,
-            max_bin_len=64,
-            max_array_len=6,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-        raise EnvelopeError(f"a reader certificate is not valid msgpack: {exc}") from exc
+    fields = unpack(data, "a reader certificate", max_str=64, max_bin=64, max_array=6)
     match fields:
         case [int(version), str(org), str(signer), bytes(public), int(issued), bytes(sig)] if (
             version == _READER_VERSION

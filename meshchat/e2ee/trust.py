@@ -24,6 +24,7 @@ from meshchat.e2ee.records import KeyDirectory
 from meshchat.e2ee.roster import RosterTracker, SignerCert, certify_signer, verify_signer
 from meshchat.errors import E2EEError, EnvelopeError, TopicError
 from meshchat.topics import validate_name
+from meshchat.wire import unpack
 
 __all__ = [
     "DIRECTORY_SIGNER",
@@ -154,18 +155,7 @@ class OrgTrust:
         """
         if len(data) > _MAX_BUNDLE:
             raise EnvelopeError(f"trust bundle is over {_MAX_BUNDLE} bytes")
-        try:
-            fields = msgpack.unpackb(
-                data,
-                raw=False,
-                max_str_len=256,
-                max_bin_len=64,
-                max_array_len=_MAX_SIGNERS,
-                max_map_len=0,
-                max_ext_len=0,
-            )
-        except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-            raise EnvelopeError(f"trust bundle is not valid msgpack: {exc}") from exc
+        fields = unpack(data, "trust bundle", max_str=256, max_bin=64, max_array=_MAX_SIGNERS)
         match fields:
             case [str(org), bytes(root), list(raw_signers), raw_compliance] if len(root) == 32:
                 signers = tuple(_signer(item) for item in raw_signers)
