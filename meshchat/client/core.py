@@ -25,10 +25,23 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from dataclasses import dataclass
 from typing import Final, Self
 
 from meshchat.client.dispatch import DISPATCH_FILE, DispatchLedger, LedgerOrder
+from meshchat.client.events import (
+    AckStatus,
+    Alarm,
+    ClientEvent,
+    GroupsChanged,
+    HistoryPage,
+    LinkChanged,
+    Mention,
+    Message,
+    OrderChanged,
+    PresenceChanged,
+    SiteNotice,
+    Unreadable,
+)
 from meshchat.client.fleet import Fleet
 from meshchat.client.presence import PresenceTracker, Seen
 from meshchat.client.profile import LOCK_FILE, DeviceProfile
@@ -103,9 +116,9 @@ INBOX_SYNCED_KEY: Final = "inbox-synced"
 ONLINE: Final = b"online"
 OFFLINE: Final = b"offline"
 READY_TIMEOUT: Final = 3.0
+"""Seconds to wait for members' key records before sealing anyway (they get it later)."""
 HANDOFF_POLL: Final = 0.2
 """Seconds between looks for messages other processes queued in this profile's outbox."""
-"""Seconds to wait for members' key records before sealing anyway (they get it later)."""
 MAX_EVENTS: Final = 10_000
 RECALL_WINDOW: Final = 2 * 3600
 """Seconds during which a sender may recall a message, by default."""
@@ -117,136 +130,6 @@ MEMBERSHIP_TIMEOUT: Final = 10.0
 MAX_HISTORY_PAGES: Final = 50
 DELIVERED, READ = 0, 1
 _MENTION: Final = re.compile(r"(?<![\w@])@([a-z0-9][a-z0-9-]{0,31})\b", re.IGNORECASE)
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A message read in a group (or a direct message, then `group` is empty)."""
-
-    group: str
-    message_id: tuple[int, int]
-    sender: str
-    device: str
-    kind: Kind
-    ts: int
-    fields: tuple[object, ...]
-    history: bool = False
-
-    @property
-    def text(self) -> str:
-        """The message's text (empty for kinds without one)."""
-        first = self.fields[0] if self.fields else ""
-        return first if isinstance(first, str) else ""
-
-
-@dataclass(frozen=True, slots=True)
-class Unreadable:
-    """A message that cannot be read, with the reason to show in its place."""
-
-    group: str
-    message_id: tuple[int, int]
-    reason: str
-    code: str
-
-
-@dataclass(frozen=True, slots=True)
-class Alarm:
-    """Something was refused that the user should know about (forgery, replay, key change)."""
-
-    what: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class LinkChanged:
-    """The link to the broker changed state; `queued` messages wait to go out."""
-
-    state: TransportState
-    queued: int
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Mention:
-    """A message that mentions this user (or @all, from someone allowed to)."""
-
-    group: str
-    message_id: tuple[int, int]
-    sender: str
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class AckStatus:
-    """Someone acknowledged an urgent notice; `missing` have not yet."""
-
-    group: str
-    message_id: tuple[int, int]
-    missing: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SiteNotice:
-    """A verified notice from a service, e.g. "You joined the plant-3 channel"."""
-
-    group: str
-    kind: str
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class GroupsChanged:
-    """The directory changed the groups this user is in."""
-
-    groups: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class OrderChanged:
-    """A work order of this device was sent, received or answered; `order` is where it stands."""
-
-    order: LedgerOrder
-
-
-@dataclass(frozen=True, slots=True)
-class PresenceChanged:
-    """A watched device (`watch_presence`) of `user` came online or went offline."""
-
-    user: str
-    device: str
-    online: bool
-
-
-ClientEvent = (
-    Message
-    | Unreadable
-    | Alarm
-    | LinkChanged
-    | GroupsChanged
-    | Mention
-    | AckStatus
-    | SiteNotice
-    | OrderChanged
-    | PresenceChanged
-)
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryPage:
-    """One page of a group's history from the archiver (`Client.fetch_history_page`).
-
-    Attributes:
-        received: envelopes the page held.
-        unseen: of those, how many this device had not read before (read now, waiting for
-            their keys, or unreadable).
-        new: messages read and kept here from it.
-        cursor: what to pass for the next page; None when the archive holds nothing further.
-    """
-
-    received: int
-    unseen: int
-    new: int
-    cursor: object
 
 
 def check_may_send(session: DeviceSession, topic: str, *, now: float) -> None:
@@ -547,10 +430,14 @@ class Client:
         changed = fresh != self._groups
         self._groups = fresh
         self._save_groups()
-        if changed:
-            self._emit(GroupsChanged(tuple(sorted(fresh))))
-        for path in added:
-            await self._follow(path)
+        try:
+            for path in added:
+                await self._follow(path)
+        finally:
+            # Said once the new groups are subscribed: whoever reacts by sending into one
+            # (or by asking who is there) does not race this device's subscription.
+            if changed:
+                self._emit(GroupsChanged(tuple(sorted(fresh))))
 
     async def _follow(self, path: str) -> None:
         """Subscribe to a group and its roster.
