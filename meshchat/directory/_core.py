@@ -36,6 +36,12 @@ SERVICE_ACTIONS: Final = frozenset({"archive.retention"})
 """Audit actions `Directory.audit_service` may record (what meshchat's services did alone)."""
 
 
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Undo the open transaction, if SQLite has not ended it already."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
 def _directory_error(exc: sqlite3.Error, path: Path) -> DirectoryError:
     return DirectoryError(f"directory {path} cannot be used: {exc}")
 
@@ -53,11 +59,15 @@ class DirectoryCore:
         self._clock = clock
         try:
             self.db = Database(self.path)
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"{self.path} is not a usable directory database: {exc}") from exc
+        try:
             self.db.conn.execute("PRAGMA busy_timeout = 10000")
             self.db.conn.execute("PRAGMA foreign_keys = ON")
             self.db.enable_wal()
             MIGRATIONS.apply(self.db)
         except sqlite3.DatabaseError as exc:
+            self.db.close()
             raise ConfigError(f"{self.path} is not a usable directory database: {exc}") from exc
 
     @classmethod
@@ -93,9 +103,13 @@ class DirectoryCore:
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:  # e.g. busy past the timeout: nothing was written
+            _rollback(conn)
+            raise _directory_error(exc, self.path) from exc
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[None]:

@@ -422,6 +422,8 @@ class UsersMixin(DirectoryCore):
                 raise NotFoundError(f"no device {name!r}")
             if actor != rows[0]["owner"]:
                 rbac.require(self._actor(actor), Permission.USER_MANAGE)
+            if rows[0]["status"] == UserStatus.REVOKED.value:
+                return  # revoked already: nothing changes, nothing to audit
             self.db.conn.execute(
                 "UPDATE devices SET status = ?, token_hash = NULL, broker_hash = NULL "
                 "WHERE name = ?",
@@ -429,7 +431,6 @@ class UsersMixin(DirectoryCore):
             )
             self._audit(actor, "device.revoke", name)
 
-    # -- snapshot for the access policy --------------------------------------------------------
     # -- broker credentials --------------------------------------------------------------------
 
     def broker_credentials(self) -> dict[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlite_utils import Database
 
-from meshchat.directory import MIGRATIONS, Directory, GroupKind, Role
+from meshchat.directory import MIGRATIONS, Directory, GroupKind, Role, UserStatus
 from meshchat.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -166,6 +166,17 @@ def test_failed_change_writes_nothing(directory: Directory) -> None:
         directory.add_members("root", "ops/line1", ["carol", "nobody"])
     assert directory.group("ops/line1").members == {"root"}
     assert len(directory.audit_entries()) == audit_rows + 1
+
+
+def test_revoking_a_revoked_device_again_changes_and_audits_nothing(directory: Directory) -> None:
+    directory.add_device("carol", "carol-phone", owner="carol")
+    directory.revoke_device("carol", "carol-phone")
+    audit_rows = len(directory.audit_entries())
+    directory.revoke_device("root", "carol-phone")
+    assert len(directory.audit_entries()) == audit_rows
+    assert [d.status for d in directory.devices() if d.name == "carol-phone"] == [
+        UserStatus.REVOKED
+    ]
 
 
 def test_not_a_database_is_a_config_error(tmp_path: Path) -> None:
