@@ -19,9 +19,17 @@ from meshchat.client.core import (
 )
 from meshchat.client.dispatch import DISPATCH_FILE, Direction, DispatchLedger, LedgerOrder
 from meshchat.client.fleet import Fleet
+from meshchat.client.handoff import hand_off
 from meshchat.client.login import LoginRefusedError, default_device_name, login
-from meshchat.client.presence import PresenceTracker, Seen
-from meshchat.client.profile import PROFILES_DIR, DeviceProfile, list_profiles, open_profile
+from meshchat.client.presence import MAX_TRACKED, OFFLINE, ONLINE, PresenceTracker, Seen
+from meshchat.client.profile import (
+    LOCK_FILE,
+    PROFILES_DIR,
+    STORE_FILE,
+    DeviceProfile,
+    list_profiles,
+    open_profile,
+)
 from meshchat.client.store import ClientStore, OutboxItem, StoredMessage
 from meshchat.client.transport import Transport
 from meshchat.client.urls import (
@@ -47,8 +55,13 @@ __all__ = [
     "DEFAULT_PORTS",
     "DEFAULT_WS_PATH",
     "DISPATCH_FILE",
+    "LOCK_FILE",
+    "MAX_TRACKED",
+    "OFFLINE",
+    "ONLINE",
     "PROFILES_DIR",
     "RECALL_WINDOW",
+    "STORE_FILE",
     "AckStatus",
     "Alarm",
     "Backoff",
@@ -84,6 +97,7 @@ __all__ = [
     "UrlScheme",
     "check_qos",
     "default_device_name",
+    "hand_off",
     "list_profiles",
     "login",
     "open_profile",

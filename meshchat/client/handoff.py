@@ -25,9 +25,9 @@ from meshchat.client.profile import DeviceProfile
 from meshchat.client.store import ClientStore
 from meshchat.e2ee import DeviceSession, Inner, encode_inner
 
-__all__ = ["POLL", "hand_off"]
+__all__ = ["hand_off"]
 
-POLL: Final = 0.1
+_POLL: Final = 0.1
 """Seconds between looks at whether the running client has sent the message."""
 
 
@@ -62,7 +62,7 @@ async def hand_off(
         try:
             async with asyncio.timeout(wait):
                 while store.pending(item):  # noqa: ASYNC110  # another process sends it
-                    await asyncio.sleep(POLL)
+                    await asyncio.sleep(_POLL)
         except TimeoutError:
             return False
         return True

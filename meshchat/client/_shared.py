@@ -1,0 +1,34 @@
+"""What every part of one client works with: its identity, session, store, link and events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meshchat.client.events import ClientEvent
+from meshchat.client.store import ClientStore
+from meshchat.client.transport import Transport
+from meshchat.e2ee import DeviceSession
+
+__all__: list[str] = []  # internal: `meshchat.client.core` is the public face
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """The client's own objects, handed to each part it is composed of."""
+
+    org: str
+    user: str
+    device: str
+    session: DeviceSession
+    store: ClientStore
+    transport: Transport
+    clock: Callable[[], float]
+    """The time, read through the client: a clock swapped in later reaches every part."""
+    emit: Callable[[ClientEvent], None]
+    """Report an event (`Client.events`)."""
+    outbox_changed: asyncio.Event
+    """Wakes the send loop: something to seal or publish."""
+    records_changed: asyncio.Event
+    """Set when a key record arrives (sealing and work orders wait for members' records)."""
