@@ -21,7 +21,9 @@ from cli.common import (
     fail,
     open_directory,
 )
-from meshchat.broker import MosquittoFiles, MosquittoOptions, mosquitto_files
+from meshchat.broker import MOSQUITTO_SERVICES, MosquittoFiles, MosquittoOptions, mosquitto_files
+from meshchat.directory.credentials import MOSQUITTO_TOKEN_ITERATIONS, mosquitto_hash, new_token
+from meshchat.directory.policy import SERVICE_PREFIX
 from meshchat.errors import MeshchatError
 
 __all__ = ["deploy_app"]
@@ -31,6 +33,8 @@ deploy_app = typer.Typer(
     no_args_is_help=True,
 )
 
+SERVICES_DIR: Final = "services"
+"""Where `deploy mosquitto` keeps the secrets of meshchat's service accounts (DATA/services)."""
 MOSQUITTO_DEFAULT_USER: Final = "mosquitto"
 """The user Mosquitto switches to when started as root and its config names none."""
 
@@ -69,6 +73,26 @@ def _write_atomically(path: Path, text: str, mode: int, owner: tuple[int, int] |
         with contextlib.suppress(FileNotFoundError):
             Path(tmp).unlink()
         raise
+
+
+def _service_secret(data: Path, name: str) -> tuple[Path, str]:
+    """The secret file of the service account ``svc.NAME`` (made once) and its Mosquitto hash.
+
+    The secret stays in the data directory (0600): `meshchat archive` and `meshchat geofence`
+    read it with ``--password-file``. Its hash is kept beside it so that running the command
+    again writes the same password file.
+    """
+    folder = data / SERVICES_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secret_path, hash_path = folder / f"{name}.secret", folder / f"{name}.mosquitto"
+    if not secret_path.exists():
+        _write_atomically(secret_path, new_token() + "\n", 0o600, None)
+        hash_path.unlink(missing_ok=True)
+    if not hash_path.exists():
+        secret = secret_path.read_text(encoding="utf-8").strip()
+        hashed = mosquitto_hash(secret, iterations=MOSQUITTO_TOKEN_ITERATIONS)
+        _write_atomically(hash_path, hashed + "\n", 0o600, None)
+    return secret_path, hash_path.read_text(encoding="utf-8").strip()
 
 
 def _write(options: MosquittoOptions, files: MosquittoFiles, owner: tuple[int, int] | None) -> None:
@@ -112,10 +136,23 @@ def mosquitto(
             "run as root, this command makes the secret files theirs.",
         ),
     ] = None,
+    services: Annotated[
+        bool,
+        typer.Option(
+            "--services/--no-services",
+            help="Accounts for meshchat's archiver and geofence worker (svc.archive, "
+            "svc.geofence), their secrets in DATA/services/.",
+        ),
+    ] = True,
     data: DataOption = DEFAULT_DATA,
     json_output: JsonOption = False,
 ) -> None:
-    """Write mosquitto.conf, a password file and an ACL file that enforce the directory."""
+    """Write mosquitto.conf, a password file and an ACL file that enforce the directory.
+
+    With the service accounts, run the archiver and the geofence worker against Mosquitto:
+    meshchat archive --broker mqtt://HOST:PORT --username svc.archive --password-file
+    DATA/services/archive.secret (and the same for geofence).
+    """
     try:
         options = MosquittoOptions(
             out_dir=out.expanduser().absolute(),
@@ -129,10 +166,22 @@ def mosquitto(
     except MeshchatError as exc:
         fail(str(exc), code=2)
     owner = _owner(run_as)
+    secrets: dict[str, tuple[Path, str]] = {}
+    if services:
+        try:
+            secrets = {name: _service_secret(data, name) for name in MOSQUITTO_SERVICES}
+        except OSError as exc:
+            fail(f"cannot keep the service secrets in {data / SERVICES_DIR}: {exc.strerror or exc}")
     with open_directory(data) as directory:
         snapshot = directory.snapshot()
         credentials = directory.broker_credentials()
-        files = mosquitto_files(snapshot, credentials, options, now=time.time())
+        files = mosquitto_files(
+            snapshot,
+            credentials,
+            options,
+            now=time.time(),
+            services={name: hashed for name, (_, hashed) in secrets.items()},
+        )
     try:
         _write(options, files, owner)
     except OSError as exc:
@@ -150,6 +199,10 @@ def mosquitto(
                     "persistence": str(options.persistence_path),
                 },
                 "accounts": list(files.accounts),
+                "services": {
+                    name: {"account": f"{SERVICE_PREFIX}{name}", "password_file": str(path)}
+                    for name, (path, _) in secrets.items()
+                },
                 "unsupported_devices": list(files.unsupported_devices),
                 "start": start,
             }
@@ -170,6 +223,13 @@ def mosquitto(
         console.print(
             "[bold yellow]note:[/] devices registered to a person cannot log in to Mosquitto: "
             f"{', '.join(files.unsupported_devices)}",
+            soft_wrap=True,
+        )
+    url = f"mqtt://{options.host}:{options.port}"
+    for name, (path, _) in secrets.items():
+        console.print(
+            f"The {name} service logs in as {SERVICE_PREFIX}{name}:\n  meshchat {name} "
+            f"--broker {url} --username {SERVICE_PREFIX}{name} --password-file {path}",
             soft_wrap=True,
         )
     console.print(

@@ -75,6 +75,14 @@ def run(
         bool,
         typer.Option("--password-stdin", help="Read the broker password from stdin's first line."),
     ] = False,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--password-file",
+            help="A file whose first line is the broker password (deploy mosquitto writes "
+            "DATA/services/geofence.secret).",
+        ),
+    ] = None,
     client_id: Annotated[
         str,
         typer.Option("--client-id", help="MQTT client id (its persistent session keeps fixes)."),
@@ -92,17 +100,24 @@ def run(
     """Run the geofence worker alone against --broker, on the data directory's sites.
 
     `meshchat up` runs one itself; run this one against an external broker (Mosquitto) with
-    an account that may read owntracks/# and publish site rosters, inbox notices and
-    OwnTracks commands. Ctrl-C stops it.
+    the account `meshchat deploy mosquitto` makes (svc.geofence, its secret in
+    DATA/services/geofence.secret). Ctrl-C stops it.
     """
     if ctx.invoked_subcommand is not None:
         return
     setup_logging(verbose)
     password = None
+    if password_stdin and password_file is not None:
+        fail("give the password one way: --password-stdin or --password-file", code=2)
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
             fail("--password-stdin: stdin held no password", code=2)
+    if password_file is not None:
+        try:
+            password = password_file.read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            fail(f"cannot read a password from {password_file}: {exc}", code=2)
     settings = GeofenceSettings(push_waypoints=push_waypoints)
     try:
         asyncio.run(_serve(DataDir(data), broker, username, password, client_id, settings))

@@ -23,6 +23,7 @@ from meshchat.broker.embedded import (
 from meshchat.broker.limits import DEFAULT_MAX_PAYLOAD, LimitedReader
 from meshchat.broker.mosquitto import (
     MOSQUITTO_MAX_PACKET_SIZE,
+    MOSQUITTO_SERVICES,
     MosquittoFiles,
     MosquittoOptions,
     mosquitto_files,
@@ -37,6 +38,7 @@ __all__ = [
     "DEFAULT_MAX_OFFLINE_QUEUE",
     "DEFAULT_MAX_PAYLOAD",
     "MOSQUITTO_MAX_PACKET_SIZE",
+    "MOSQUITTO_SERVICES",
     "AccessGate",
     "BrokerSettings",
     "BrokerState",

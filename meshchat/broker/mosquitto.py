@@ -23,11 +23,18 @@ What a Mosquitto password and ACL file cannot do, and the generated mosquitto.co
 - Offboarding: the embedded broker disconnects a revoked account within a second by itself.
   Mosquitto does so when the command runs again and Mosquitto gets SIGHUP: it reloads both
   files and disconnects accounts that are no longer in the password file.
-- meshchat's internal services (archiver, geofence, directory) have no accounts here yet.
+- meshchat's services log in as ``svc.NAME`` with a secret `meshchat deploy mosquitto` keeps in
+  the data directory (``services/NAME.secret``); their ACL lines are the policy's answers for
+  the filters each service subscribes and publishes with (all groups, rosters, telemetry, its
+  own requests, inboxes; the geofence: OwnTracks, site rosters, its certificate). Mosquitto
+  gives one connection per user name, so the archive account serves one archiver: archivers
+  that split the load through a shared subscription need the embedded broker or an account
+  each.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +44,10 @@ from typing import Final
 from meshchat.broker.core import DEFAULT_MAX_OFFLINE_QUEUE
 from meshchat.directory.model import Role, User, UserStatus
 from meshchat.directory.policy import (
+    ARCHIVE_SERVICE,
+    DIRECTORY_SERVICE,
+    GEOFENCE_SERVICE,
+    SERVICE_PREFIX,
     AccessPolicy,
     Action,
     DirectorySnapshot,
@@ -57,7 +68,17 @@ from meshchat.topics import (
     matches,
 )
 
-__all__ = ["MOSQUITTO_MAX_PACKET_SIZE", "MosquittoFiles", "MosquittoOptions", "mosquitto_files"]
+__all__ = [
+    "MOSQUITTO_MAX_PACKET_SIZE",
+    "MOSQUITTO_SERVICES",
+    "MosquittoFiles",
+    "MosquittoOptions",
+    "mosquitto_files",
+]
+
+MOSQUITTO_SERVICES: Final = (ARCHIVE_SERVICE, GEOFENCE_SERVICE)
+"""meshchat's services that run alone against an external broker (`meshchat archive`,
+`meshchat geofence`) and so get an account."""
 
 MOSQUITTO_MAX_PACKET_SIZE: Final = MAX_ENVELOPE_LEN + 1024
 """Largest MQTT packet Mosquitto accepts: the largest envelope plus its topic and header.
@@ -165,7 +186,8 @@ class MosquittoFiles:
         conf: mosquitto.conf.
         passwords: the password file, ``user:$7$...`` lines.
         acl: the ACL file, a ``user`` section per account.
-        accounts: the MQTT user names that may log in, sorted.
+        accounts: the MQTT user names that may log in: the directory's, sorted, then the
+            services' (``svc.NAME``).
         unsupported_devices: active devices registered to a person, which cannot log in to
             Mosquitto (see the module docstring), sorted.
     """
@@ -187,6 +209,11 @@ def _is_device_account(snapshot: DirectorySnapshot, user: User) -> bool:
     )
 
 
+def _check_hash(name: str, secret: str) -> None:
+    if not secret.startswith("$7$") or ":" in secret or any(c.isspace() for c in secret):
+        raise ConfigError(f"the broker hash of {name!r} is not a Mosquitto $7$ hash")
+
+
 def _accounts(snapshot: DirectorySnapshot, credentials: Mapping[str, str]) -> dict[str, str]:
     """Hashes of the users who may log in: active, and device accounts only with their device."""
     accounts = {}
@@ -197,8 +224,7 @@ def _accounts(snapshot: DirectorySnapshot, credentials: Mapping[str, str]) -> di
         if user.role is Role.DEVICE and not _is_device_account(snapshot, user):
             continue
         secret = credentials[name]
-        if not secret.startswith("$7$") or ":" in secret or any(c.isspace() for c in secret):
-            raise ConfigError(f"the broker hash of {name!r} is not a Mosquitto $7$ hash")
+        _check_hash(name, secret)
         accounts[name] = secret
     return accounts
 
@@ -273,11 +299,15 @@ class _AclBuilder:
         org = self.org
         reads = [(f, f.replace("+", _ANY)) for f in self.policy.allowed_filters()]
         writes = [(_any_last(t), t) for t in (InboxTopic(org, _ANY).topic,)]
-        # Requests in the principal's own name to any service, and the replies to them.
-        requests = ServiceTopic(org, _ANY, principal.name).topic
-        writes.append((_any_at(requests, 3), requests))
-        replies = ServiceTopic(org, _ANY, principal.name, reply=True).topic
-        reads.append((_any_at(replies, 3), replies))
+        # Requests in the principal's own name to each service, and the replies to them (for
+        # the geofence, a device's key share), and the geofence's public reader certificate.
+        for service in (ARCHIVE_SERVICE, DIRECTORY_SERVICE, GEOFENCE_SERVICE):
+            request = ServiceTopic(org, service, principal.name).topic
+            writes.append((request, request))
+            reply = ServiceTopic(org, service, principal.name, reply=True).topic
+            reads.append((reply, reply))
+        certificate = ServiceTopic(org, GEOFENCE_SERVICE).topic
+        reads.append((certificate, certificate))
         for line, example in reads:
             if self._allowed(principal, Action.RECEIVE, example):
                 rules.grant(line, _READ, wide=True)
@@ -372,6 +402,47 @@ class _AclBuilder:
                 self._ask(rules, principal, topic, read=not reads_all)
         return rules
 
+    def service_rules(self, name: str) -> _Rules:
+        """The ACL lines of the service account ``svc.NAME``.
+
+        Services read across the org and write where their work lands; the policy is asked
+        about one example topic per line for the org-wide lines (its service rules do not
+        depend on the names there) and about each group for the group and roster lines, so
+        that no line grants more than the policy would.
+        """
+        org = self.org
+        principal = Principal(PrincipalKind.SERVICE, name, f"{SERVICE_PREFIX}{name}")
+        rules = _Rules()
+        for (dept, group_name), _group in sorted(self.snapshot.groups.items(), key=lambda g: g[0]):
+            group = GroupTopic(org, dept, group_name)
+            self._ask(rules, principal, group.topic)
+            self._ask(rules, principal, group.roster.topic)
+        own = ServiceTopic(org, name).topic
+        requests = ServiceTopic(org, name, _ANY).topic
+        replies = ServiceTopic(org, name, _ANY, reply=True).topic
+        wide: list[tuple[str, str, str]] = [
+            (_any_last(InboxTopic(org, _ANY).topic), InboxTopic(org, _ANY).topic, "rw"),
+            (_any_last(KeyTopic(org, _ANY).topic), KeyTopic(org, _ANY).topic, "rw"),
+            (_any_last(PresenceTopic(org, _ANY).topic), PresenceTopic(org, _ANY).topic, "rw"),
+            (_any_last(self._telemetry_topics(_ANY)[0], 2), self._telemetry_topics(_ANY)[0], "rw"),
+            (own, own, "rw"),
+            (_any_last(requests), requests, "rw"),
+            (_any_at(replies, 4), replies, "rw"),
+            (_any_last(OwnTracksTopic(_ANY, _ANY).topic, 2), OwnTracksTopic(_ANY, _ANY).topic, "r"),
+        ]
+        event = OwnTracksTopic(_ANY, _ANY, _ANY).topic
+        wide.append((_any_last(event, 3), event, "r"))
+        command = OwnTracksTopic(_ANY, _ANY, "cmd").topic
+        wide.append((_any_at(_any_at(command, 1), 2), command, "w"))
+        for line, example, accesses in wide:
+            for action, access, letter in (
+                (Action.RECEIVE, _READ, "r"),
+                (Action.PUBLISH, _WRITE, "w"),
+            ):
+                if letter in accesses and self._allowed(principal, action, example):
+                    rules.grant(line, access)
+        return rules
+
 
 def _header(org: str, what: str) -> list[str]:
     return [
@@ -380,11 +451,20 @@ def _header(org: str, what: str) -> list[str]:
     ]
 
 
-def _acl(snapshot: DirectorySnapshot, accounts: Iterable[str], now: float) -> str:
-    builder = _AclBuilder(snapshot, now)
+def _acl(
+    snapshot: DirectorySnapshot, accounts: Iterable[str], services: Iterable[str], now: float
+) -> str:
+    services = list(services)
+    # The policy knows a service by its token; on Mosquitto the password file checks the
+    # secret, so the policy only needs to know that these services exist.
+    known = dict(snapshot.service_tokens) | dict.fromkeys(services, "")
+    builder = _AclBuilder(dataclasses.replace(snapshot, service_tokens=known), now)
     lines = _header(snapshot.org, "Mosquitto ACL file")
     for name in accounts:
         lines += ["", f"user {name}", *builder.rules(snapshot.users[name]).render()]
+    for service in services:
+        account = f"{SERVICE_PREFIX}{service}"
+        lines += ["", f"user {account}", *builder.service_rules(service).render()]
     return "\n".join(lines) + "\n"
 
 
@@ -399,7 +479,8 @@ _LIMITS: Final = """\
 #   delivers nothing. Wildcard filters deliver the topics the user may read one by one.
 # - Offboarding takes effect when the command runs again and Mosquitto gets SIGHUP, which
 #   disconnects accounts no longer in the password file.
-# - meshchat's services (archiver, geofence, directory) have no accounts here yet."""
+# - meshchat's services log in as svc.NAME; one connection per account, so one archiver per
+#   archive account (no shared-subscription scale-out on this file)."""
 
 
 def _conf(options: MosquittoOptions, org: str) -> str:
@@ -446,6 +527,7 @@ def mosquitto_files(
     options: MosquittoOptions,
     *,
     now: float,
+    services: Mapping[str, str] | None = None,
 ) -> MosquittoFiles:
     """The three files that make Mosquitto enforce the directory like the embedded broker.
 
@@ -458,11 +540,20 @@ def mosquitto_files(
             (`Directory.broker_credentials`); revoked users and devices in it are left out.
         options: where the files live and how Mosquitto listens.
         now: the time (Unix seconds) at which expired temporary groups are left out.
+        services: Mosquitto ``$7$`` hashes of meshchat's service accounts by service name
+            (``archive``, ``geofence``); each logs in as ``svc.NAME``.
 
     Raises:
-        ConfigError: a hash is not in Mosquitto's format.
+        ConfigError: a hash is not in Mosquitto's format, or a service name is unknown.
     """
     accounts = _accounts(snapshot, credentials)
+    service_hashes = dict(sorted((services or {}).items()))
+    for name, secret in service_hashes.items():
+        if name not in MOSQUITTO_SERVICES:
+            raise ConfigError(
+                f"no meshchat service {name!r} (services: {', '.join(MOSQUITTO_SERVICES)})"
+            )
+        _check_hash(f"{SERVICE_PREFIX}{name}", secret)
     unsupported = tuple(
         sorted(
             device.name
@@ -474,10 +565,13 @@ def mosquitto_files(
         )
     )
     passwords = "".join(f"{name}:{secret}\n" for name, secret in accounts.items())
+    passwords += "".join(
+        f"{SERVICE_PREFIX}{name}:{secret}\n" for name, secret in service_hashes.items()
+    )
     return MosquittoFiles(
         conf=_conf(options, snapshot.org),
         passwords=passwords,
-        acl=_acl(snapshot, accounts, now),
-        accounts=tuple(accounts),
+        acl=_acl(snapshot, accounts, service_hashes, now),
+        accounts=(*accounts, *(f"{SERVICE_PREFIX}{name}" for name in service_hashes)),
         unsupported_devices=unsupported,
     )

@@ -383,10 +383,8 @@ class AccessPolicy:
                 return _deny(f"only the service {topic.service} reads its requests")
             return _allow("services read across the org")
         match topic:
-            case ServiceTopic(service=service, requester=None) if (
-                service == GEOFENCE_SERVICE and name != GEOFENCE_SERVICE
-            ):
-                return _deny("only the geofence service publishes its reader certificate")
+            case ServiceTopic(service=service) if service != name:
+                return _deny(f"{name} publishes only on its own service topics, not {service}'s")
             case ServiceTopic() | InboxTopic():
                 return _allow("services answer requests and write to inboxes")
             case RosterTopic(dept=dept):

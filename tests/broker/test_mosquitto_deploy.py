@@ -24,14 +24,17 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from meshchat.archive import Archiver, ArchiveStore
 from meshchat.broker import (
     MOSQUITTO_MAX_PACKET_SIZE,
+    MOSQUITTO_SERVICES,
     BrokerSettings,
     MosquittoFiles,
     MosquittoOptions,
     mosquitto_files,
 )
 from meshchat.broker.core import DEFAULT_MAX_OFFLINE_QUEUE
+from meshchat.client import Transport
 from meshchat.datadir import DataDir
 from meshchat.directory import (
     AccessPolicy,
@@ -43,10 +46,14 @@ from meshchat.directory import (
     PrincipalKind,
     Role,
 )
+from meshchat.directory.credentials import mosquitto_hash
+from meshchat.directory.policy import SERVICE_PREFIX
+from meshchat.envelope import GroupMessage, encode
 from meshchat.errors import ConfigError
 from meshchat.server import SiteServer
 from meshchat.topics import matches
 from tests.brokers import MOSQUITTO_MISSING, find_mosquitto, free_port, wait_for_port
+from tests.cli.running import MESHCHAT, LineReader, read_line_matching
 
 ORG = "acme"
 PASSWORDS = {
@@ -202,9 +209,14 @@ def test_every_acl_answer_is_the_policys(world: World) -> None:
     """Mosquitto's reading of the ACL file equals the policy on every topic of the directory."""
     snapshot, credentials = world.snapshot()
     now = time.time()
-    files = mosquitto_files(snapshot, credentials, MosquittoOptions(Path("/srv/m")), now=now)
-    policy = AccessPolicy(snapshot)
+    services = {name: mosquitto_hash(name, iterations=1000) for name in MOSQUITTO_SERVICES}
+    options = MosquittoOptions(Path("/srv/m"))
+    files = mosquitto_files(snapshot, credentials, options, now=now, services=services)
+    policy = AccessPolicy(replace(snapshot, service_tokens=services))
     topics = ["mc/other/ops/line1", f"mc/{ORG}/_s/archive", f"mc/{ORG}/_s/dir"]
+    topics += [f"mc/{ORG}/_s/geofence", f"mc/{ORG}/_s/geofence/van-7"]
+    topics += [f"mc/{ORG}/_s/archive/carol", f"mc/{ORG}/_s/archive/carol/reply"]
+    topics += [f"mc/{ORG}/_s/dir/carol/reply", "owntracks/carol/phone/cmd"]
     for dept, name in snapshot.groups:
         topics += [f"mc/{ORG}/{dept}/{name}", f"mc/{ORG}/{dept}/{name}/_r"]
     # Registered devices only: nobody may publish telemetry of an unknown device, so the file
@@ -215,9 +227,13 @@ def test_every_acl_answer_is_the_policys(world: World) -> None:
     for user in snapshot.users:
         topics += [f"mc/{ORG}/_k/{user}", f"owntracks/{user}/phone", f"owntracks/{user}/p/event"]
     checked = 0
-    for name, lines in _acl_sections(files.acl).items():
+    sections = _acl_sections(files.acl)
+    assert {"svc.archive", "svc.geofence"} <= set(sections)
+    for name, lines in sections.items():
         own = name if name in DEVICE_ACCOUNTS else None
         principal = Principal(PrincipalKind.USER, name, name, own)
+        if name.startswith(SERVICE_PREFIX):
+            principal = Principal(PrincipalKind.SERVICE, name.removeprefix(SERVICE_PREFIX), name)
         for topic in topics:
             for action, access in ((Action.RECEIVE, "read"), (Action.PUBLISH, "write")):
                 decision = policy.authorize(principal, action, topic, now=now)
@@ -633,7 +649,7 @@ async def test_offboarding_reaches_mosquitto_on_redeploy_and_sighup(tmp_path: Pa
             with Directory.in_data_dir(data) as directory:
                 directory.remove_user("root", "carol")
             written = deploy(data, tmp_path / "mosquitto", mosquitto.port)
-            assert written["accounts"] == ["root"]
+            assert written["accounts"] == ["root", "svc.archive", "svc.geofence"]
             mosquitto.process.send_signal(signal.SIGHUP)
             with pytest.raises(aiomqtt.MqttError):
                 await _until_disconnected(carol)
@@ -679,3 +695,115 @@ async def test_a_burst_to_an_offline_member_waits_whole_on_mosquitto(
                         if len(received) == burst:
                             break
         assert len(received) == burst
+
+
+async def test_the_archiver_runs_on_mosquitto_with_its_service_account(
+    world: World, tmp_path: Path
+) -> None:
+    """`deploy mosquitto` gives the archiver an account that reads every group and no more."""
+    with deployed_mosquitto(world, tmp_path) as mosquitto:
+        written = deploy(world.data, tmp_path / "mosquitto", mosquitto.port)
+        services = written["services"]
+        assert isinstance(services, dict)
+        secret = _private_secret(Path(services["archive"]["password_file"]))
+        url = f"mqtt://127.0.0.1:{mosquitto.port}"
+        envelope = encode(GroupMessage(7, 0, os.urandom(40), os.urandom(64)))
+        async with (
+            Transport(
+                url, client_id="svc.archive", username="svc.archive", password=secret
+            ) as link,
+            asyncio.TaskGroup() as tasks,
+        ):
+            archiver = Archiver(tmp_path / "archive.db", link, org=ORG)
+            runner = tasks.create_task(archiver.run(), name="test.archiver")
+            async with asyncio.timeout(DEADLINE * 4):
+                await archiver.ready.wait()
+                async with mosquitto.client("carol") as carol:
+                    await carol.subscribe(G, qos=1)
+                    await carol.subscribe(MARKER, qos=1)
+                    await carol.publish(G, envelope, qos=1)
+                    # The archive account reads every group but may not post in one.
+                    await link.publish(G, b"from the archiver")
+                    await carol.publish(MARKER, b"marker", qos=1)
+                    got = [m.payload async for m in _until_marker(carol, b"marker")]
+                    assert envelope in got
+                    assert b"from the archiver" not in got
+                await archiver.wait_for(lambda stats: stats.stored >= 1)
+            runner.cancel()
+    with ArchiveStore(tmp_path / "archive.db") as store:
+        assert [e.payload for e in store.group_envelopes("ops/line1")] == [envelope]
+    again = deploy(world.data, tmp_path / "mosquitto", 1883)
+    assert again["services"] == services  # the secrets are kept, not made anew
+
+
+MARKER = f"mc/{ORG}/_k/carol"
+
+
+def _private_secret(path: Path) -> str:
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    return path.read_text(encoding="utf-8").strip()
+
+
+async def _until_marker(client: aiomqtt.Client, marker: bytes) -> AsyncIterator[aiomqtt.Message]:
+    async for message in client.messages:
+        if message.payload == marker:
+            return
+        yield message
+
+
+async def test_the_geofence_worker_runs_on_mosquitto_with_its_service_account(
+    tmp_path: Path,
+) -> None:
+    """`meshchat geofence` logs in as svc.geofence and moves a phone into its site channel."""
+    data = tmp_path / "data"
+    cli = CliRunner()
+    for args, stdin in (
+        (["org", "init", "--org", ORG, "--admin", "root", "--password-stdin"], "root password\n"),
+        (["user", "add", "carol", "--dept", "ops", "--password-stdin"], "carol password\n"),
+        (["site", "add", "plant-3", "--lat", "48.137", "--lon", "11.575", *SITE], None),
+        (["geofence", "config", "--join-delay", "0"], None),
+    ):
+        done = cli.invoke(app, [*args, "--data", str(data)], input=stdin)
+        assert done.exit_code == 0, done.output
+    world = World(data, {})
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+    with deployed_mosquitto(world, tmp_path) as mosquitto:
+        secret_file = data / "services" / "geofence.secret"
+        url = f"mqtt://127.0.0.1:{mosquitto.port}"
+        process = subprocess.Popen(  # noqa: ASYNC220  # started once; a thread reads it
+            [
+                *(MESHCHAT, "geofence", "--broker", url, "--username", "svc.geofence"),
+                *("--password-file", str(secret_file), "--data", str(data)),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        try:
+            assert process.stdout is not None
+            reader = LineReader(process.stdout)
+            await asyncio.to_thread(read_line_matching, reader, "geofence ready")
+            # The archive account reads every roster: it watches the site channel's.
+            archive = mosquitto.client("svc.archive", _secret(data, "archive"), "svc.archive")
+            fix = {"_type": "location", "lat": 48.137, "lon": 11.575, "tst": int(time.time())}
+            async with archive, mosquitto.client("carol") as phone:
+                await archive.subscribe(f"mc/{ORG}/sites/plant-3/_r", qos=1)
+                await phone.publish("owntracks/carol/phone", json.dumps(fix).encode(), qos=1)
+                async with asyncio.timeout(DEADLINE * 4):
+                    async for message in archive.messages:
+                        assert isinstance(message.payload, bytes)
+                        if b"carol" in message.payload:
+                            break
+        finally:
+            process.terminate()
+            await asyncio.to_thread(process.wait, 20)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+SITE = ("--radius", "150", "--dwell", "0")
+
+
+def _secret(data: Path, service: str) -> str:
+    return (data / "services" / f"{service}.secret").read_text(encoding="utf-8").strip()

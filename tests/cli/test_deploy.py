@@ -51,7 +51,14 @@ def test_deploy_writes_the_three_files_and_says_where_as_json(data: Path, tmp_pa
         _run(data, "deploy", "mosquitto", "--out", str(out), "--port", "1884", "--json")
     )
     assert report["org"] == "acme"
-    assert report["accounts"] == ["bob", "root"]
+    assert report["accounts"] == ["bob", "root", "svc.archive", "svc.geofence"]
+    services = data / "services"
+    assert report["services"] == {
+        name: {"account": f"svc.{name}", "password_file": str(services / f"{name}.secret")}
+        for name in ("archive", "geofence")
+    }
+    assert _mode(services) == 0o700
+    assert _mode(services / "archive.secret") == 0o600
     assert report["files"] == {
         "conf": str(out / "mosquitto.conf"),
         "passwords": str(out / "passwd"),
@@ -76,7 +83,19 @@ def test_deploy_writes_the_three_files_and_says_where_as_json(data: Path, tmp_pa
     assert [line.split(":")[0] for line in (out / "passwd").read_text().splitlines()] == [
         "bob",
         "root",
+        "svc.archive",
+        "svc.geofence",
     ]
+    # The secrets never reach the output, and a second run keeps them (same password file).
+    secret = (services / "archive.secret").read_text().strip()
+    assert secret not in json.dumps(report)
+    passwd = (out / "passwd").read_text()
+    _run(data, "deploy", "mosquitto", "--out", str(out), "--port", "1884", "--json")
+    assert (out / "passwd").read_text() == passwd
+    without = json.loads(
+        _run(data, "deploy", "mosquitto", "--out", str(out), "--no-services", "--json")
+    )
+    assert without["accounts"] == ["bob", "root"]
 
 
 def test_running_it_again_on_an_unchanged_directory_changes_nothing(

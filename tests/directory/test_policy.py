@@ -131,6 +131,9 @@ TABLE = [
     (CAROL, SUB, "mc/acme/_s/geofence/van-7", False),
     (VAN, SUB, "mc/acme/_s/geofence/van-7", False),
     (GEOFENCE, SUB, "mc/acme/_s/geofence/+", True),
+    (ARCHIVE, PUB, "mc/acme/_s/geofence", False),  # services publish on their own topics only
+    (ARCHIVE, PUB, "mc/acme/_s/dir/bob/reply", False),
+    (DIR, PUB, "mc/acme/_s/archive/bob/reply", False),
     # services
     (BOB, PUB, "mc/acme/_s/archive", False),  # requests name their sender
     (BOB, PUB, "mc/acme/_s/archive/bob", True),
