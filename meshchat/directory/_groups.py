@@ -167,10 +167,14 @@ class GroupsMixin(DirectoryCore):
         audit_policy = {k: v for k, v in policy.items() if v not in {None, False}}
         self._audit(actor, "group.create", f"{dept}/{name}", **audit_policy)
 
-    def _add_member_rows(self, dept: str, name: str, users: Iterable[str]) -> list[str]:
+    def _add_member_rows(
+        self, dept: str, name: str, users: Iterable[str]
+    ) -> tuple[list[str], list[str]]:
+        """Insert memberships: (users added, geofence-made memberships now the admin's)."""
         row = self._group_row(dept, name)
         assert row is not None
-        added = []
+        added: list[str] = []
+        adopted: list[str] = []
         for user in users:
             found = self.user(user)
             if not found.active:
@@ -182,12 +186,16 @@ class GroupsMixin(DirectoryCore):
             if cursor.rowcount:
                 added.append(user)
             else:
-                # An admin's add makes a membership the geofence made the admin's: it stays.
-                self.db.conn.execute(
-                    "UPDATE members SET via = NULL WHERE group_id = ? AND user = ?",
+                # An admin's add makes a membership the geofence made the admin's: it stays
+                # when the user leaves the site.
+                cursor = self.db.conn.execute(
+                    "UPDATE members SET via = NULL "
+                    "WHERE group_id = ? AND user = ? AND via IS NOT NULL",
                     (row["id"], user),
                 )
-        return added
+                if cursor.rowcount:
+                    adopted.append(user)
+        return added, adopted
 
     def add_members(self, actor: str, path: str, users: Iterable[str]) -> list[str]:
         """Add users to a group; returns those who were not members yet (adds do not rotate).
@@ -199,9 +207,11 @@ class GroupsMixin(DirectoryCore):
         with self._write():
             rbac.require(self._actor(actor), Permission.GROUP_MANAGE, dept=dept)
             self.group(path)
-            added = self._add_member_rows(dept, name, users)
+            added, adopted = self._add_member_rows(dept, name, users)
             if added:
                 self._audit(actor, "group.add", path, users=added)
+            if adopted:
+                self._audit(actor, "group.keep", path, users=adopted)
         return added
 
     def remove_members(self, actor: str, path: str, users: Iterable[str]) -> list[str]:

@@ -66,8 +66,13 @@ def test_the_geofence_removes_only_its_own_members_and_rotation_follows(plant: D
 
 def test_an_admins_add_makes_a_geofence_membership_the_admins(plant: Directory) -> None:
     plant.set_site_presence("svc.geofence", "plant-3", ["carol"])
-    plant.add_members("root", "sites/plant-3", ["carol"])
+    assert plant.add_members("root", "sites/plant-3", ["carol"]) == []  # a member already
     assert plant.site_presence() == {}
+    # The change of hands is audited, once.
+    kept = [e for e in plant.audit_entries() if e.action == "group.keep"]
+    assert [(e.actor, e.target) for e in kept] == [("root", "sites/plant-3")]
+    plant.add_members("root", "sites/plant-3", ["carol"])
+    assert len([e for e in plant.audit_entries() if e.action == "group.keep"]) == 1
     assert plant.set_site_presence("svc.geofence", "plant-3", []) == ([], [])
     assert "carol" in plant.group("sites/plant-3").members
 
