@@ -9,7 +9,7 @@ from typing import Final
 
 from meshchat.client._receiving import Receiver
 from meshchat.client._saved import INBOX_SYNCED_KEY
-from meshchat.client._shared import Shared
+from meshchat.client._shared import SERVICE_TIMEOUT, Shared
 from meshchat.client.events import HistoryPage
 from meshchat.errors import MeshchatError
 from meshchat.rpc import Request
@@ -93,7 +93,7 @@ class History:
         cursor: object = None
         try:
             for _ in range(MAX_HISTORY_PAGES):
-                async with asyncio.timeout(10.0):
+                async with asyncio.timeout(SERVICE_TIMEOUT):
                     value = await self._request(
                         "archive", Request("inbox", (self._device, None, cursor))
                     )

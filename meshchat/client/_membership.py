@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 from meshchat.client._saved import save_groups, saved_groups
-from meshchat.client._shared import Shared
+from meshchat.client._shared import SERVICE_TIMEOUT, Shared
 from meshchat.client.events import GroupsChanged
 from meshchat.errors import MeshchatError, NotFoundError, PermissionDeniedError
 from meshchat.rpc import Request
@@ -67,7 +67,7 @@ class Membership:
     async def refresh(self) -> None:
         """Ask the directory which groups this user is in, and follow new ones."""
         with contextlib.suppress(MeshchatError, TimeoutError):
-            async with asyncio.timeout(10.0):
+            async with asyncio.timeout(SERVICE_TIMEOUT):
                 value = await self._request("dir", Request("groups"))
             if isinstance(value, list):
                 await self.set_groups({str(g) for g in value})

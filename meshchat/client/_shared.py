@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from meshchat.client.events import ClientEvent
 from meshchat.client.store import ClientStore
@@ -12,6 +13,11 @@ from meshchat.client.transport import Transport
 from meshchat.e2ee import DeviceSession
 
 __all__: list[str] = []  # internal: `meshchat.client.core` is the public face
+
+
+SERVICE_TIMEOUT: Final = 10.0
+"""Seconds to wait for a service (the directory, the archiver) to answer, and for the broker
+to confirm the first subscriptions."""
 
 
 @dataclass(frozen=True, slots=True)

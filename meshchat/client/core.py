@@ -38,7 +38,7 @@ from meshchat.client._saved import saved_groups as saved_groups  # noqa: PLC0414
 from meshchat.client._sending import Sender
 from meshchat.client._sending import check_may_send as check_may_send  # noqa: PLC0414 -- re-export
 from meshchat.client._services import Services
-from meshchat.client._shared import Shared
+from meshchat.client._shared import SERVICE_TIMEOUT, Shared
 from meshchat.client._watching import Watching
 from meshchat.client.dispatch import DISPATCH_FILE, DispatchLedger, LedgerOrder
 from meshchat.client.events import (
@@ -276,7 +276,7 @@ class Client:
         subscribing = self._start(self._subscribe_all(), "subscribe")
         if self.transport.state is TransportState.CONNECTED:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10.0):
+                async with asyncio.timeout(SERVICE_TIMEOUT):
                     await asyncio.shield(subscribing)
         return self
 
@@ -581,9 +581,16 @@ class Client:
         return await self.send_inner(group, Inner(Kind.REACT, self._now(), (emoji, target)))
 
     async def mark_read(self, group: str, targets: list[tuple[int, int]]) -> int:
-        """Tell the group these messages were read."""
-        refs = tuple(targets[:MAX_RECEIPT_REFS])
-        return await self.send_inner(group, Inner(Kind.RECEIPT, self._now(), (READ, refs)))
+        """Tell the group these messages were read (in receipts of up to 1000 each).
+
+        Returns:
+            The outbox id of the last receipt (0 when there was nothing to mark).
+        """
+        item = 0
+        for start in range(0, len(targets), MAX_RECEIPT_REFS):
+            refs = tuple(targets[start : start + MAX_RECEIPT_REFS])
+            item = await self.send_inner(group, Inner(Kind.RECEIPT, self._now(), (READ, refs)))
+        return item
 
     async def urgent(self, group: str, text: str) -> int:
         """An urgent notice: members are asked to acknowledge it."""

@@ -123,6 +123,21 @@ async def test_reactions_and_receipts_are_counted(trio: tuple[Client, Client, Cl
             await wait_event(bob, lambda e: isinstance(e, Message) and e.kind is Kind.RECEIPT)
 
 
+async def test_marking_many_messages_read_sends_every_receipt(
+    trio: tuple[Client, Client, Client],
+) -> None:
+    bob, carol, _ = trio
+    await bob.send("ops/line1", "last of a long night shift")
+    mine = await said(bob, "last of a long night shift")
+    await said(carol, "last of a long night shift")
+    # 1,200 messages seen at once: more than one receipt holds, none is dropped.
+    backlog = [(mine.message_id[0], i) for i in range(10_000, 11_199)] + [mine.message_id]
+    await carol.mark_read("ops/line1", backlog)
+    async with asyncio.timeout(10):
+        while bob.store.receipts(LINE1, mine.message_id, 1) != ["carol"]:
+            await wait_event(bob, lambda e: isinstance(e, Message) and e.kind is Kind.RECEIPT)
+
+
 async def test_mentions_raise_a_notification(trio: tuple[Client, Client, Client]) -> None:
     bob, carol, dave = trio
     await bob.send("ops/line1", "@carol can you check bay 3?")
