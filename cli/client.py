@@ -327,20 +327,44 @@ def _clock(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M")
 
 
+def _ref_text(value: object) -> str:
+    match value:
+        case (int(chain), int(index)) | [int(chain), int(index)]:
+            return f"{chain}:{index}"
+    return "?"
+
+
+def _describe(event: Message) -> str | None:  # noqa: PLR0911  # one per kind
+    """What follows the sender on a `tail` line; None for what is not worth a line (receipts)."""
+    fields = event.fields
+    match event.kind:
+        case Kind.URGENT:
+            return f" [bold red]URGENT[/]: {escape(event.text)}"
+        case Kind.RECEIPT | Kind.TELEMETRY_KEY:
+            return None
+        case Kind.REPLY if len(fields) > 1:
+            return f" [dim](reply to {_ref_text(fields[1])})[/]: {escape(event.text)}"
+        case Kind.EDIT if len(fields) > 1:
+            return f" [dim]edited {_ref_text(fields[1])}:[/] {escape(event.text)}"
+        case Kind.RECALL if fields:
+            return f" [dim]recalled {_ref_text(fields[0])}[/]"
+        case Kind.REACT if len(fields) > 1:
+            return f" [dim]reacted {escape(event.text)} to {_ref_text(fields[1])}[/]"
+        case Kind.ACK if fields:
+            return f" [dim]acknowledged {_ref_text(fields[0])}[/]"
+    return f": {escape(event.text)}"
+
+
 def _print_event(event: ClientEvent) -> None:
     match event:
-        case Message(kind=Kind.URGENT):
-            console.print(
-                f"[dim]{_clock(event.ts)}[/] [bold red]URGENT[/] [bold]{escape(event.sender)}[/]: "
-                f"{escape(event.text)}",
-                soft_wrap=True,
-            )
         case Message():
-            console.print(
-                f"[dim]{_clock(event.ts)}[/] [bold]{escape(event.sender)}[/]: {escape(event.text)}",
-                soft_wrap=True,
-                markup=True,
-            )
+            line = _describe(event)
+            if line is not None:
+                console.print(
+                    f"[dim]{_clock(event.ts)}[/] [bold]{escape(event.sender)}[/]{line}",
+                    soft_wrap=True,
+                    markup=True,
+                )
         case Unreadable():
             console.print(
                 f"[dim]message {event.message_id}: {escape(event.reason)}[/]", soft_wrap=True
