@@ -316,13 +316,19 @@ class DeviceCore:
         return members
 
     @property
+    def reading_inbox(self) -> bool:
+        """Whether a first run is reading the inbox the archiver kept (asked, not answered)."""
+        return self._inbox_request is not None
+
+    @property
     def synced(self) -> bool:
         """Whether the device knows its groups, their rosters and every member's key record.
 
-        Until then a reader may not have the key yet; `Device` waits for this on start.
+        Until then a reader may not have the key yet; `Device` waits for this on start. On a
+        first run it also waits for the inbox the archiver kept (work orders sent before).
         """
-        if not self._groups_known:
-            return False
+        if not self._groups_known or self._inbox_request is not None:
+            return False  # (on a first run: the inbox the archiver kept is being read)
         if any(
             self.session.rosters.current(self._group_topic(path).topic) is None
             for path in self.groups

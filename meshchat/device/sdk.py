@@ -217,6 +217,7 @@ class Device:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._unacked: set[int] = set()
+        self._handling = 0  # messages being handled (and their orders handed over) now
         self._acked_early: dict[int, float] = {}
         self._connected = threading.Event()
         self._settled = threading.Event()
@@ -367,6 +368,13 @@ class Device:
                     self.name,
                 )
             elif not self.wait_synced(max(0.0, deadline - time.monotonic())):
+                if self.core.reading_inbox:
+                    logger.warning(
+                        "%s has asked the archiver for its inbox and has no answer yet; work "
+                        "orders sent before its first start arrive when it answers",
+                        self.name,
+                    )
+                    return self
                 logger.warning(
                     "%s has not heard of its dispatch groups yet (is the directory service "
                     "running?); readers get the telemetry key when it does",
@@ -390,6 +398,10 @@ class Device:
         """Publish ``offline`` (if connected), disconnect, stop the thread and save the state."""
         if self._closed:
             return
+        # A message being handled (an order handed to `on_order`) finishes first, so that its
+        # answer goes out with the rest.
+        with self._changed:
+            self._changed.wait_for(lambda: self._handling == 0, timeout)
         if self._connected.is_set():
             self._emit(self._compute(lambda: self.core.flush_alerts(now=self._clock(), force=True)))
             self.flush(timeout)
@@ -457,6 +469,8 @@ class Device:
         self, client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage
     ) -> None:
         orders: list[WorkOrder] = []
+        with self._changed:
+            self._handling += 1
         try:
             # The state, with new orders, is saved before the ack.
             out = self._compute(
@@ -470,7 +484,12 @@ class Device:
             # A bug must not kill paho's thread; the message is acknowledged and dropped.
             logger.exception("%s could not handle a message on %s", self.name, message.topic)
         client.ack(message.mid, message.qos)
-        self._hand_over(orders)
+        try:
+            self._hand_over(orders)
+        finally:
+            with self._changed:
+                self._handling -= 1
+                self._changed.notify_all()
 
     def _hand_over(self, orders: list[WorkOrder]) -> None:
         """Give new work orders to `on_order` (outside the lock: it may answer at once)."""

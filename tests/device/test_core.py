@@ -347,9 +347,13 @@ def test_the_core_says_when_it_knows_every_reader() -> None:
     assert not synced(fleet)  # no roster yet
     fleet.roster("bob", "carol", "van-1")
     assert not synced(fleet)  # members' key records missing
-    fleet.record("bob")
+    asked = fleet.record("bob")
     assert not synced(fleet)
-    fleet.record("carol")
+    asked.extend(fleet.record("carol"))
+    assert not synced(fleet)  # a first run: the inbox the archiver kept is being read
+    (request,) = [p for p in asked.publish if p.topic == ARCHIVE_REQUESTS]
+    last_page = Reply.success(decode_request(request.payload), [[], None]).encode()
+    fleet.core.on_message(ARCHIVE_REPLIES, last_page, now=NOW)
     assert synced(fleet)
     assert fleet.core.shared_with == ["bob-laptop", "bob-phone", "carol-laptop"]
 
