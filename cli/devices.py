@@ -331,8 +331,16 @@ def _row(
     readable = fleet is not None and fleet.has_key(account.name)
     battery = status.battery if status is not None else fix.battery if fix is not None else None
     status_text = _status_text(status, now)
-    if not status_text and fleet is not None and account.active and not readable:
-        status_text = "[dim]encrypted: not in its dispatch group[/]"
+    if (
+        not status_text
+        and fleet is not None
+        and account.active
+        and not readable
+        and fleet.waiting(account.name)
+    ):
+        # Reports came, but no key: readers are its dispatch group's people, and the device
+        # shares its key with them when it is next online.
+        status_text = "[dim]encrypted: no key here (yet)[/]"
     return (
         account.name,
         account.kind,

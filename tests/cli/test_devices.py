@@ -114,6 +114,8 @@ def test_add_run_the_readme_example_list_and_remove(server: Path, tmp_path: Path
     before = list_json(server)["van-1"]  # alice's device is known to the broker from now on
     assert before["presence"] == "never seen"
     assert before["status"] is None
+    never = meshchat(server, "device", "list", "--as", "alice")
+    assert "encrypted" not in never.stdout  # nothing came from it yet: nothing to explain
 
     device_dir = tmp_path / "van"
     device_dir.mkdir()
