@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Annotated, Literal
 
 import typer
@@ -185,6 +186,8 @@ def show(path: GroupArg, data: DataOption = DEFAULT_DATA, json_output: JsonOptio
     table = Table(show_header=False)
     for key, value in group_json(group).items():
         shown = ", ".join(value) if isinstance(value, list) else value
+        if key.endswith("_at") and isinstance(value, int | float):
+            shown = datetime.fromtimestamp(value).astimezone().strftime("%Y-%m-%d %H:%M %Z")
         table.add_row(key.replace("_", " "), "-" if shown in {None, ""} else str(shown))
     console.print(table)
 

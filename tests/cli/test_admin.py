@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,9 @@ def test_group_lifecycle_through_the_cli(meshchat: Meshchat) -> None:
     assert shown["members"] == ["bob", "carol"]
     assert shown["retention_days"] == 30
     assert shown["compliance"] is True
+    table = meshchat("group", "show", "ops/line1")
+    created = datetime.fromtimestamp(float(str(shown["created_at"]))).astimezone()
+    assert created.strftime("%Y-%m-%d %H:%M") in table  # a time a person reads, not a number
     meshchat("group", "remove", "ops/line1", "carol", "--as", "bob")
     listed = meshchat.json("group", "list", "--member", "bob")
     assert isinstance(listed, list)
