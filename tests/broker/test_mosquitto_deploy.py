@@ -331,7 +331,14 @@ class Broker:
     world: World
     process: subprocess.Popen[bytes] | None = None
 
-    def client(self, name: str, secret: str | None = None, identifier: str = "") -> aiomqtt.Client:
+    def client(
+        self,
+        name: str,
+        secret: str | None = None,
+        identifier: str = "",
+        *,
+        clean_session: bool = True,
+    ) -> aiomqtt.Client:
         """A client for `name`: device accounts use their name as client id, people NAME.x."""
         if not identifier:
             identifier = name if name in DEVICE_ACCOUNTS else f"{name}.acl"
@@ -341,6 +348,7 @@ class Broker:
             username=name,
             password=self.world.secret(name) if secret is None else secret,
             identifier=identifier,
+            clean_session=clean_session,
             timeout=DEADLINE,
         )
 
@@ -664,29 +672,13 @@ async def test_a_burst_to_an_offline_member_waits_whole_on_mosquitto(
     """A shift's worth of group traffic waits for an offline device (Mosquitto keeps 1000)."""
     burst = 2500
     with deployed_mosquitto(world, tmp_path) as mosquitto:
-        async with aiomqtt.Client(
-            "127.0.0.1",
-            mosquitto.port,
-            username="carol",
-            password=world.secret("carol"),
-            identifier="carol",
-            clean_session=False,
-            timeout=DEADLINE,
-        ) as carol:
+        async with mosquitto.client("carol", identifier="carol", clean_session=False) as carol:
             await carol.subscribe(G, qos=1)
         async with mosquitto.client("bob") as bob:
             for index in range(burst):
                 await bob.publish(G, str(index).encode(), qos=1)
         received: set[bytes] = set()
-        async with aiomqtt.Client(
-            "127.0.0.1",
-            mosquitto.port,
-            username="carol",
-            password=world.secret("carol"),
-            identifier="carol",
-            clean_session=False,
-            timeout=DEADLINE,
-        ) as carol:
+        async with mosquitto.client("carol", identifier="carol", clean_session=False) as carol:
             with contextlib.suppress(TimeoutError):  # the count below says what was lost
                 async with asyncio.timeout(60):
                     async for message in carol.messages:
