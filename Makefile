@@ -48,8 +48,8 @@ typecheck: $(VENV)/.dev-installed ## mypy --strict on meshchat, cli and tests
 contracts: $(VENV)/.dev-installed ## the import-linter contracts of DESIGN.md section 2
 	$(BIN)/lint-imports
 
-pytest: $(VENV)/.dev-installed mosquitto ## the test suite
-	$(BIN)/pytest
+pytest: $(VENV)/.dev-installed mosquitto ## the test suite, one worker per core (a module stays on one)
+	$(BIN)/pytest -n auto --dist loadfile
 
 test: lint typecheck contracts pytest ## everything CI runs: lint, types, contracts, tests
 
