@@ -140,12 +140,13 @@ class Receiver:
         self._emit(SiteNotice(group_path(notice.group_topic), notice.kind.value, notice.text))
 
     def apply(self, step: Step) -> None:
-        """Keep and report what a step produced, publish what it asks, save the state."""
-        for event in step.events:
-            self._record(event)
+        """Keep what a step produced with the session state (one commit), then publish."""
+        with self._store.transaction():
+            for event in step.events:
+                self._record(event)
+            save_session(self._store, self._session)
         for item in step.outgoing:
             self._transport.publish_nowait(item.topic, item.payload, retain=item.retain)
-        save_session(self._store, self._session)
 
     def _record(self, event: object) -> None:
         match event:

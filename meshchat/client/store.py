@@ -178,8 +178,17 @@ class ClientStore:
         )
 
     @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Make the writes inside one transaction: one commit (and one sync) for all of them."""
+        with self._write():
+            yield
+
+    @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self.db.conn
+        if conn.in_transaction:  # inside `transaction()`: one commit for all of it
+            yield conn
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
