@@ -63,7 +63,7 @@ from meshchat.client.values import Backoff, Publication, StateChange, TransportS
 from meshchat.datadir import exclusive_lock
 from meshchat.device.orders import OrderState
 from meshchat.e2ee import DeviceSession, Inner, Kind, Roster, encode_inner
-from meshchat.errors import PermissionDeniedError
+from meshchat.errors import BusyError, PermissionDeniedError
 from meshchat.rpc import Request
 from meshchat.topics import InboxTopic, PresenceTopic, ServiceTopic
 
@@ -139,9 +139,16 @@ class Client:
         """
         # The lock first, then the files: closing the stack undoes them in reverse.
         self._files = contextlib.ExitStack()
-        self._files.enter_context(
-            exclusive_lock(profile.path / LOCK_FILE, f"device profile {profile.user!r}")
-        )
+        try:
+            self._files.enter_context(
+                exclusive_lock(profile.path / LOCK_FILE, f"device profile {profile.user!r}")
+            )
+        except BusyError as exc:
+            raise BusyError(
+                f"{exc}: stop it first, or work through it (`meshchat send` and `ack` hand "
+                "their messages to it; `meshchat chat` has /dispatch)",
+                pid=exc.pid,
+            ) from exc
         try:
             self._prepare(profile, broker, clock, backoff, ready_timeout)
         except BaseException:

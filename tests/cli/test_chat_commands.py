@@ -169,6 +169,7 @@ def test_send_hands_its_message_to_the_client_running_on_the_same_profile(server
         second = meshchat(server, "tail", "--as", "bob", "ops/general")
         assert second.returncode == 1
         assert f"in use by another meshchat process (pid {bob.pid})" in second.stderr
+        assert "stop it first, or work through it" in second.stderr
         assert "Traceback" not in second.stderr
         # history --fetch says it cannot fetch and shows the local copy.
         local = meshchat(server, "history", "--as", "bob", "ops/general", "--fetch", "--json")
