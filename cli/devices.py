@@ -25,10 +25,10 @@ from cli.common import (
     fail,
     open_directory,
 )
-from meshchat.client import Client, open_profile
+from meshchat.client import Client, ClientStore, open_profile
 from meshchat.client.fleet import Fleet as FleetView
 from meshchat.device import GpsFix, Status
-from meshchat.errors import MeshchatError, PermissionDeniedError
+from meshchat.errors import BusyError, MeshchatError, PermissionDeniedError
 from meshchat.fleet import (
     DEFAULT_DISPATCH_GROUP,
     DeviceAccount,
@@ -279,6 +279,7 @@ def list_devices(
     fleet: FleetView | None = None
     refused: set[str] = set()
     note = ""
+    live = True
     try:
         profile = open_profile(data, as_user)
     except MeshchatError as exc:
@@ -293,11 +294,17 @@ def list_devices(
 
         try:
             fleet, refused = asyncio.run(work())
+        except BusyError as exc:
+            # A `tail` or `chat` holds the profile: show what it last stored, without presence.
+            with ClientStore(profile.store_path) as store:
+                fleet = FleetView(store, ask=lambda _device, _key_id: None)
+            live = False
+            note = f"presence unknown, statuses as last read here: {exc}"
         except MeshchatError as exc:
             fail(str(exc))
     now = time.time()
     if json_output:
-        emit_json([_account_json(a, fleet, refused) for a in accounts])
+        emit_json([_account_json(a, fleet, refused, live=live) for a in accounts])
         return
     if not accounts:
         console.print("No devices yet: add one with `meshchat device add NAME --dept DEPT`.")
@@ -306,16 +313,18 @@ def list_devices(
         "device", "kind", "department", "groups", "presence", "battery", "status", "last fix"
     )
     for account in accounts:
-        table.add_row(*_row(account, fleet, refused, now))
+        table.add_row(*_row(account, fleet, refused, now, live=live))
     console.print(table)
     if note:
         err_console.print(f"[dim]{note}[/]", soft_wrap=True)
 
 
-def _presence(account: DeviceAccount, fleet: FleetView | None, refused: set[str]) -> str:
+def _presence(
+    account: DeviceAccount, fleet: FleetView | None, refused: set[str], *, live: bool = True
+) -> str:
     if not account.active:
         return "revoked"
-    if fleet is None:
+    if fleet is None or not live:
         return "?"
     if account.name in refused:
         return "not permitted"
@@ -324,7 +333,12 @@ def _presence(account: DeviceAccount, fleet: FleetView | None, refused: set[str]
 
 
 def _row(
-    account: DeviceAccount, fleet: FleetView | None, refused: set[str], now: float
+    account: DeviceAccount,
+    fleet: FleetView | None,
+    refused: set[str],
+    now: float,
+    *,
+    live: bool = True,
 ) -> tuple[str, ...]:
     status = fleet.status(account.name) if fleet else None
     fix = fleet.fix(account.name) if fleet else None
@@ -346,7 +360,7 @@ def _row(
         account.kind,
         account.dept,
         ", ".join(account.groups),
-        _presence(account, fleet, refused),
+        _presence(account, fleet, refused, live=live),
         "" if battery is None else f"{battery}%",
         status_text,
         "" if fix is None else f"{fix.lat:.5f}, {fix.lon:.5f} ({_age(fix.ts, now)})",
@@ -354,7 +368,7 @@ def _row(
 
 
 def _account_json(
-    account: DeviceAccount, fleet: FleetView | None, refused: set[str]
+    account: DeviceAccount, fleet: FleetView | None, refused: set[str], *, live: bool = True
 ) -> dict[str, object]:
     return {
         "device": account.name,
@@ -362,7 +376,7 @@ def _account_json(
         "dept": account.dept,
         "groups": list(account.groups),
         "active": account.active,
-        "presence": _presence(account, fleet, refused),
+        "presence": _presence(account, fleet, refused, live=live),
         "readable": fleet is not None and fleet.has_key(account.name),
         "status": _status_json(fleet.status(account.name) if fleet else None),
         "fix": _fix_json(fleet.fix(account.name) if fleet else None),

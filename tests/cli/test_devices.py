@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshchat.device import DeviceCredentials
-from tests.cli.running import MESHCHAT, UpProcess
+from tests.cli.running import MESHCHAT, LineReader, UpProcess, read_line_matching
 
 ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "NO_COLOR": "1"}
 README = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
@@ -68,6 +68,30 @@ def list_json(data: Path) -> dict[str, dict[str, object]]:
     done = meshchat(data, "device", "list", "--as", "alice", "--wait", "5", "--json")
     assert done.returncode == 0, done.stderr
     return {row["device"]: row for row in json.loads(done.stdout)}
+
+
+def list_beside_a_running_tail(server: Path) -> None:
+    """Beside a running `tail` on alice's profile: what her device last read, presence unknown."""
+    tail = subprocess.Popen(
+        [MESHCHAT, "tail", "--as", "alice", "ops/dispatch", "--json", "--data", str(server)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=ENV,
+    )
+    assert tail.stdout is not None
+    reader = LineReader(tail.stdout)
+    try:
+        read_line_matching(reader, '"event": "link"', timeout=30)
+        beside = meshchat(server, "device", "list", "--as", "alice")
+        assert beside.returncode == 0, beside.stderr
+        assert "on route" in beside.stdout
+        assert "presence unknown" in beside.stderr
+        assert f"pid {tail.pid}" in beside.stderr
+    finally:
+        tail.terminate()
+        tail.wait(timeout=20)
+        reader.rest()  # the reading thread ends with the process and closes the pipe
 
 
 def work_order_while_offline(server: Path, device_dir: Path) -> None:
@@ -135,6 +159,8 @@ def test_add_run_the_readme_example_list_and_remove(server: Path, tmp_path: Path
     assert table.returncode == 0, table.stderr
     assert "van-1" in table.stdout
     assert "on route" in table.stdout
+
+    list_beside_a_running_tail(server)
 
     work_order_while_offline(server, device_dir)
 
