@@ -25,6 +25,7 @@ from cli.common import (
     emit_json,
     err_console,
     fail,
+    read_password_file,
     setup_logging,
 )
 from meshchat.archive import (
@@ -228,12 +229,7 @@ def run(
     if ctx.invoked_subcommand is not None:
         return
     setup_logging(verbose)
-    password = None
-    if password_file is not None:
-        try:
-            password = password_file.read_text(encoding="utf-8").splitlines()[0]
-        except (OSError, UnicodeDecodeError, IndexError) as exc:
-            fail(f"cannot read a password from {password_file}: {exc}", code=2)
+    password = None if password_file is None else read_password_file(password_file)
     try:
         interval = float(parse_duration(retention_every))
         inbox_days = parse_days(inbox_retention)

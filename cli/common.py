@@ -33,6 +33,7 @@ __all__ = [
     "fail",
     "open_directory",
     "read_password",
+    "read_password_file",
     "setup_logging",
 ]
 
@@ -102,6 +103,14 @@ def read_password(*, from_stdin: bool, confirm: bool = True) -> str:
         fail("no terminal to ask for a password: pass it with --password-stdin", code=2)
     password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
     return password
+
+
+def read_password_file(path: Path) -> str:
+    """The first line of a password file (`--password-file`), or one clear error (exit 2)."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, UnicodeDecodeError, IndexError) as exc:
+        fail(f"cannot read a password from {path}: {exc}", code=2)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import signal
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +22,8 @@ from cli.common import (
     err_console,
     fail,
     open_directory,
+    read_password,
+    read_password_file,
     setup_logging,
 )
 from meshchat.client.transport import Transport
@@ -106,18 +107,13 @@ def run(
     if ctx.invoked_subcommand is not None:
         return
     setup_logging(verbose)
-    password = None
     if password_stdin and password_file is not None:
         fail("give the password one way: --password-stdin or --password-file", code=2)
+    password = None
     if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-        if not password:
-            fail("--password-stdin: stdin held no password", code=2)
-    if password_file is not None:
-        try:
-            password = password_file.read_text(encoding="utf-8").splitlines()[0]
-        except (OSError, UnicodeDecodeError, IndexError) as exc:
-            fail(f"cannot read a password from {password_file}: {exc}", code=2)
+        password = read_password(from_stdin=True)
+    elif password_file is not None:
+        password = read_password_file(password_file)
     settings = GeofenceSettings(push_waypoints=push_waypoints)
     try:
         asyncio.run(_serve(DataDir(data), broker, username, password, client_id, settings))

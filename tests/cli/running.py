@@ -13,9 +13,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-__all__ = ["MESHCHAT", "LineReader", "UpProcess", "read_line_matching"]
+__all__ = ["CLI_ENV", "MESHCHAT", "LineReader", "UpProcess", "read_line_matching", "run_meshchat"]
 
 MESHCHAT = str(Path(sys.executable).with_name("meshchat"))
+CLI_ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "NO_COLOR": "1"}
+"""Unbuffered, wide, plain output: what a test reads line by line."""
+
+
+def run_meshchat(
+    data: Path, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`meshchat ARGS --data DATA` as a separate process, the way a user types it."""
+    return subprocess.run(
+        [MESHCHAT, *args, "--data", str(data)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=CLI_ENV,
+        timeout=60,
+        check=False,
+    )
 
 
 class LineReader:

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.cli.running import CLI_ENV as ENV
 from tests.cli.running import MESHCHAT, LineReader, UpProcess, read_line_matching
-
-ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "NO_COLOR": "1"}
-
-
-def meshchat(data: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MESHCHAT, *args, "--data", str(data)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=60,
-        check=False,
-    )
+from tests.cli.running import run_meshchat as meshchat
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from meshchat.device import DeviceCredentials
+from tests.cli.running import CLI_ENV as ENV
 from tests.cli.running import MESHCHAT, LineReader, UpProcess, read_line_matching
+from tests.cli.running import run_meshchat as meshchat
 
-ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "NO_COLOR": "1"}
 README = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
 
 
@@ -23,18 +23,6 @@ def readme_device_example() -> str:
     """The Python block after the README's device-example marker, exactly as written there."""
     after = README.split("<!-- device-example -->", 1)[1]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def meshchat(data: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MESHCHAT, *args, "--data", str(data)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=60,
-        check=False,
-    )
 
 
 def run_example(where: Path) -> subprocess.CompletedProcess[str]:
