@@ -275,6 +275,7 @@ class GeofenceWorker:
 
     def _install(self, view: DirectoryView) -> None:
         before = self._view
+        was_pushing = before is not None and self._push_enabled()
         self._view = view
         self._presence = dict(view.presence)
         stored = view.settings
@@ -286,11 +287,13 @@ class GeofenceWorker:
             stored.leave_delay_s if chosen.leave_delay_s is None else chosen.leave_delay_s
         )
         now = self._clock()
-        if before is None or before.rules != view.rules:
+        sites_changed = before is None or before.rules != view.rules
+        if sites_changed:
             self._note(self.tracker.set_sites(view.rules), now)
-            if before is not None:
-                self._pushed.clear()
-                self._push_all()
+        # Phones get the regions again when the sites change or pushing was just turned on.
+        if before is not None and (sites_changed or not was_pushing):
+            self._pushed.clear()
+            self._push_all()
         # Users who may no longer be auto-joined: forget their devices, empty their channels.
         for subject in self.tracker.subjects():
             owner = self.tracker.owner(subject)

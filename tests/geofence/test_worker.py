@@ -270,6 +270,22 @@ async def test_encrypted_phones_and_region_push(org: Org) -> None:
         assert [oct(p.stat().st_mode & 0o777) for p in key_files] == ["0o600"]
 
 
+async def test_turning_the_region_push_on_reaches_registered_phones_at_once(org: Org) -> None:
+    with Directory.in_data_dir(org.data) as directory:
+        set_owntracks_key(org.data, directory, "root", "carol", "phone", secret="s3cretpass")
+    async with SiteServer(DataDir(org.data), BrokerSettings(port=0)) as server:
+        site = Site(server, f"mqtt://127.0.0.1:{server.broker.listener('mqtt').port}")
+        async with site.login("carol", "carol.owntracks") as owntracks:
+            await owntracks.subscribe(f"{OWNTRACKS}/cmd")
+            assert site.worker.stats.pushes == 0  # off by default
+            with GeofenceStore.in_data_dir(org.data) as store:
+                store.set_settings(push_waypoints=True)
+            # The phone has sent nothing: the worker pushes because the setting changed.
+            pushed = await next_on(owntracks, f"{OWNTRACKS}/cmd")
+            assert pushed
+            assert site.worker.stats.pushes == 1
+
+
 def decode_test_gps(topic: TelemetryTopic, payload: bytes) -> Fix | None:
     """A stand-in for the device issue's telemetry format (this test's own JSON)."""
     value = json.loads(payload)
