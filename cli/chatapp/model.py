@@ -192,13 +192,7 @@ def older(
 
 def waiting_acks(store: ClientStore, topic: str, user: str) -> list[tuple[int, int]]:
     """Urgent notices in a group that `user` has not acknowledged yet, oldest first."""
-    waiting = []
-    for stored in store.history(topic, limit=PAGE):
-        if stored.kind == Kind.URGENT and not stored.recalled and stored.sender != user:
-            missing = store.unacknowledged(topic, stored.message_id)
-            if missing is not None and user in missing:
-                waiting.append(stored.message_id)
-    return waiting
+    return store.awaiting_ack(topic, user)
 
 
 def order_line(order: LedgerOrder) -> str:

@@ -425,6 +425,23 @@ class ClientStore:
         }
         return [user for user in str(row[0]).split("\n") if user and user not in acked]
 
+    def awaiting_ack(self, group_topic: str, user: str) -> list[tuple[int, int]]:
+        """Urgent notices of a group that ask `user` to acknowledge and have no ack of theirs.
+
+        Oldest first; recalled notices and `user`'s own are left out. One query, however long
+        the group's history.
+        """
+        rows = self.db.execute(
+            "SELECT u.chain_id, u.idx, u.expected FROM urgent AS u JOIN messages AS m "
+            "ON m.group_topic = u.group_topic AND m.chain_id = u.chain_id AND m.idx = u.idx "
+            "WHERE u.group_topic = ? AND m.recalled = 0 AND m.sender != ? AND NOT EXISTS "
+            "(SELECT 1 FROM acks AS a WHERE a.group_topic = u.group_topic "
+            "AND a.chain_id = u.chain_id AND a.idx = u.idx AND a.user = ?) "
+            "ORDER BY m.ts, m.rowid",
+            (group_topic, user, user),
+        ).fetchall()
+        return [(row[0], row[1]) for row in rows if user in str(row[2]).split("\n")]
+
     def has_message(self, group_topic: str, message_id: tuple[int, int]) -> bool:
         """Whether a message is stored."""
         row = self.db.execute(

@@ -148,3 +148,23 @@ def test_a_file_that_is_not_a_store_is_a_clear_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(ConfigError, match="cannot be used"):
         ClientStore(path)
+
+
+def test_notices_awaiting_my_ack_are_found_however_old(tmp_path: Path) -> None:
+    with ClientStore(tmp_path / "c.db") as store, store.transaction():
+        add(store, 0, "evacuate hall B", kind=URGENT, sender="bob")
+        store.add_urgent(G1, (7, 0), expected=["alice", "carol"])
+        for index in range(1, 700):  # a long, busy day since
+            add(store, index, f"m{index}")
+        add(store, 700, "my own notice", kind=URGENT, sender="carol")
+        store.add_urgent(G1, (7, 700), expected=["alice", "carol"])
+        add(store, 701, "recalled notice", kind=URGENT, sender="bob")
+        store.add_urgent(G1, (7, 701), expected=["carol"])
+        add(store, 702, "", kind=RECALL, sender="bob", target=(7, 701))
+        add(store, 703, "for alice only", kind=URGENT, sender="bob")
+        store.add_urgent(G1, (7, 703), expected=["alice"])
+    with ClientStore(tmp_path / "c.db") as store:
+        assert store.awaiting_ack(G1, "carol") == [(7, 0)]
+        assert store.awaiting_ack(G1, "alice") == [(7, 0), (7, 700), (7, 703)]
+        store.add_ack(G1, (7, 0), user="carol", at=2000)
+        assert store.awaiting_ack(G1, "carol") == []
