@@ -28,6 +28,7 @@ from cli.common import (
     emit_json,
     err_console,
     fail,
+    local_broker,
     read_password,
 )
 from meshchat.client import (
@@ -53,7 +54,7 @@ from meshchat.client.store import ClientStore, StoredMessage
 from meshchat.directory import DIRECTORY_FILE, Directory
 from meshchat.e2ee import Inner, Kind
 from meshchat.errors import BusyError, MeshchatError
-from meshchat.server import DEFAULT_ORG, RUNTIME_FILE
+from meshchat.server import DEFAULT_ORG
 from meshchat.timeutil import parse_duration
 
 __all__ = ["ack", "acks", "history", "login_command", "send", "tail"]
@@ -98,21 +99,12 @@ def _profile(data: Path, user: str | None) -> DeviceProfile:
 
 def _local_defaults(data: Path) -> tuple[str | None, str | None]:
     """(org, broker) of a site server running from the same data directory, if any."""
-    org = broker = None
+    org = None
     with contextlib.suppress(MeshchatError, OSError, ValueError):
         if (data / DIRECTORY_FILE).exists():
             with Directory(data / DIRECTORY_FILE) as directory:
                 org = directory.org
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        state = json.loads((data / RUNTIME_FILE).read_text(encoding="utf-8"))
-        broker = next(
-            (
-                url.replace("0.0.0.0", "127.0.0.1")  # noqa: S104  # a URL, not a bind
-                for url in state["listeners"]
-                if url.startswith("mqtt://")
-            ),
-            None,
-        )
+    broker = local_broker(data)
     return org, broker
 
 

@@ -18,6 +18,7 @@ from meshchat.datadir import DEFAULT_DATA_DIR, ENV_VAR, DataDir
 from meshchat.directory import DIRECTORY_FILE, Directory
 from meshchat.directory.signing import OrgKeys
 from meshchat.errors import MeshchatError
+from meshchat.server import RUNTIME_FILE
 
 __all__ = [
     "AsOption",
@@ -31,6 +32,7 @@ __all__ = [
     "ensure_identities",
     "err_console",
     "fail",
+    "local_broker",
     "open_directory",
     "read_password",
     "read_password_file",
@@ -103,6 +105,16 @@ def read_password(*, from_stdin: bool, confirm: bool = True) -> str:
         fail("no terminal to ask for a password: pass it with --password-stdin", code=2)
     password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
     return password
+
+
+def local_broker(data: Path) -> str | None:
+    """The TCP listener of a `meshchat up` running from `data` (from its runtime file), if any."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        state = json.loads((data / RUNTIME_FILE).read_text(encoding="utf-8"))
+        for url in state["listeners"]:
+            if str(url).startswith("mqtt://"):
+                return str(url).replace("0.0.0.0", "127.0.0.1")  # noqa: S104  # a URL, not a bind
+    return None
 
 
 def read_password_file(path: Path) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Final
@@ -23,6 +22,7 @@ from cli.common import (
     emit_json,
     err_console,
     fail,
+    local_broker,
     open_directory,
 )
 from meshchat.client import Client, ClientStore, open_profile
@@ -38,7 +38,6 @@ from meshchat.fleet import (
     run_simulation,
 )
 from meshchat.fleet import remove_device as revoke_device
-from meshchat.server import RUNTIME_FILE
 from meshchat.timeutil import parse_duration
 
 __all__ = ["device_app"]
@@ -63,12 +62,7 @@ class DeviceKind(enum.StrEnum):
 
 def _local_broker(data: Path) -> str:
     """The TCP listener of a server running from `data`, else the default broker URL."""
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        state = json.loads((data / RUNTIME_FILE).read_text(encoding="utf-8"))
-        for url in state["listeners"]:
-            if str(url).startswith("mqtt://"):
-                return str(url).replace("0.0.0.0", "127.0.0.1")  # noqa: S104  # a URL, not a bind
-    return DEFAULT_BROKER
+    return local_broker(data) or DEFAULT_BROKER
 
 
 @device_app.command("add")
