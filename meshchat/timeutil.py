@@ -8,11 +8,12 @@ from typing import Final
 
 from meshchat.errors import ConfigError
 
-__all__ = ["parse_days", "parse_duration", "parse_instant"]
+__all__ = ["DAY", "parse_days", "parse_duration", "parse_instant"]
 
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 _PATTERN: Final = re.compile(r"\A(\d{1,9})([smhdwy])\Z")
-_DAY: Final = 86400
+DAY: Final = 86400
+"""Seconds in a day."""
 
 
 def parse_duration(text: str) -> int:
@@ -37,9 +38,9 @@ def parse_days(text: str) -> int:
         ConfigError: not a duration, or not a whole number of days.
     """
     seconds = parse_duration(text)
-    if seconds % _DAY:
+    if seconds % DAY:
         raise ConfigError(f"duration {text!r} must be whole days (d, w or y)")
-    return seconds // _DAY
+    return seconds // DAY
 
 
 def parse_instant(text: str, *, now: float) -> float:

@@ -19,6 +19,7 @@ from meshchat.archive.records import TopicKind
 from meshchat.archive.store import ArchiveStore
 from meshchat.directory.model import Group
 from meshchat.directory.store import Directory
+from meshchat.timeutil import DAY
 
 __all__ = [
     "ARCHIVE_ACTOR",
@@ -31,7 +32,6 @@ __all__ = [
     "run_retention",
 ]
 
-DAY: Final = 86400
 ARCHIVE_ACTOR: Final = "svc.archive"
 """Who the audit log names for the archiver's own actions."""
 RETENTION_ACTION: Final = "archive.retention"
