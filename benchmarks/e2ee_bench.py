@@ -91,6 +91,11 @@ REKEY_BUDGET_AT: Final = 1000
 REKEY_MS_BUDGET: Final = 60.0
 REKEY_BYTES_BUDGET: Final = 230
 
+VERIFY_STEP: Final = "verify"
+VERIFY_FORMAT: Final = "ed25519"
+_SIGNED_LEN: Final = 180
+"""About the bytes a 100-byte text's chain signature covers (domain, group id, signed part)."""
+
 _NAIVE_PERSON: Final = b"naive-chain1"
 _DIST_DOMAIN: Final = b"mc-dist1"
 _KEY_LEN: Final = 32
@@ -327,19 +332,38 @@ def _rates(pair: tuple[Sender, Reader], texts: Sequence[str]) -> tuple[float, fl
     return len(texts) / sent, len(texts) / received
 
 
+def _verify_rate(count: int) -> float:
+    """Ed25519 verifications per CPU second (libsodium): the floor under every signed read."""
+    key = nacl.signing.SigningKey.generate()
+    messages = [secrets.token_bytes(_SIGNED_LEN) for _ in range(count)]
+    signed = [key.sign(message) for message in messages]
+    verify_key = key.verify_key
+    gc.collect()
+    started = time.process_time()
+    for item in signed:
+        verify_key.verify(item)
+    return count / (time.process_time() - started)
+
+
 def measure_throughput(params: Params, ts: int) -> Throughput:
-    """Messages per CPU second, meshchat and the naive JSON envelope alternating run by run."""
+    """Messages per CPU second, meshchat and the naive JSON envelope alternating run by run.
+
+    Each repetition also times Ed25519 verification alone, the floor of any signed read, so a
+    table from a slow moment of a shared machine says so in its own "verify alone" row.
+    """
     texts = [random_text(THROUGHPUT_TEXT) for _ in range(params.messages)]
     makers = {"meshchat": _meshchat_pair, "naive_json": _naive_pair}
     for make in makers.values():  # warm-up: first calls, allocator, caches
         _rates(make(ts), texts[:50])
     series = {step: {name: Series() for name in makers} for step in ("encrypt", "decrypt")}
+    series[VERIFY_STEP] = {VERIFY_FORMAT: Series()}
     started = time.monotonic()
     for _ in range(params.throughput_reps):
         for name, make in makers.items():
             encrypt, decrypt = _rates(make(ts), texts)
             series["encrypt"][name].runs.append(encrypt)
             series["decrypt"][name].runs.append(decrypt)
+        series[VERIFY_STEP][VERIFY_FORMAT].runs.append(_verify_rate(params.messages))
         if time.monotonic() - started > params.limit_s:
             break
     return series
@@ -537,6 +561,18 @@ def throughput_table(throughput: Throughput, budget: Mapping[str, Check]) -> Tab
             f"{1e6 / naive:.1f}",
             _ratio(mine, naive),
         )
+    floor = throughput[VERIFY_STEP][VERIFY_FORMAT].median
+    table.add_section()
+    table.add_row(
+        "Ed25519 verify alone: the floor of both (verifications/s)",
+        f"{floor:,.0f}",
+        f"{1e6 / floor:.1f}",
+        "",
+        "",
+        f"{floor:,.0f}",
+        f"{1e6 / floor:.1f}",
+        "",
+    )
     return table
 
 
@@ -605,6 +641,8 @@ def document(
             if other != "meshchat"
         }
     for step, by_format in throughput.items():
+        if step == VERIFY_STEP:
+            continue
         ratios[f"throughput.{step}"] = {
             "meshchat/naive_json": by_format["meshchat"].median / by_format["naive_json"].median
         }

@@ -17,6 +17,7 @@ Sans-IO: no sockets, no files, no asyncio.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -63,6 +64,7 @@ _NONCE_LEN: Final = 24
 _MAX_U32: Final = 2**32 - 1
 
 
+@functools.lru_cache(maxsize=4096)
 def group_id(group_topic: str) -> bytes:
     """The 32-byte id of a group, bound into every message's AAD and signature."""
     return hashlib.blake2b(
@@ -97,13 +99,14 @@ def _signed_bytes(gid: bytes, envelope: GroupMessage) -> bytes:
 
 
 def _guarded_nonce(nonce: bytes, guard: bytes) -> bytes:
-    return bytes(a ^ b for a, b in zip(nonce[:GUARD_LEN], guard, strict=True)) + nonce[GUARD_LEN:]
+    mixed = int.from_bytes(nonce[:GUARD_LEN]) ^ int.from_bytes(guard)
+    return mixed.to_bytes(GUARD_LEN) + nonce[GUARD_LEN:]
 
 
-def _digest(envelope: GroupMessage) -> bytes:
-    return hashlib.blake2b(
-        envelope.signed_part() + envelope.sig, digest_size=16, person=_DIGEST_PERSON
-    ).digest()
+def _digest(envelope: GroupMessage, signed_part: bytes | None = None) -> bytes:
+    """A short hash of the whole envelope: tells a redelivery from a replay."""
+    part = envelope.signed_part() if signed_part is None else signed_part
+    return hashlib.blake2b(part + envelope.sig, digest_size=16, person=_DIGEST_PERSON).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +204,15 @@ class InboundChain:
     start_key: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
-        """The first position this device was given is where reading started."""
+        """Check the key lengths; the first position this device was given is where reading started.
+
+        Raises:
+            ValueError: a key of the wrong length (a corrupt state file or share).
+        """
+        if len(self.verify_key) != nacl.bindings.crypto_sign_PUBLICKEYBYTES:
+            raise ValueError(f"chain {self.chain_id}'s verify key is {len(self.verify_key)} bytes")
+        if len(self.chain_key) != _KEY_LEN:
+            raise ValueError(f"chain {self.chain_id}'s chain key is {len(self.chain_key)} bytes")
         if self.start_index < 0:
             self.start_index, self.start_key = self.index, self.chain_key
 
@@ -255,10 +266,10 @@ class InboundChain:
         self.start_index, self.start_key = share.index, share.chain_key
         return True
 
-    def _verify(self, gid: bytes, envelope: GroupMessage) -> None:
+    def _verify(self, gid: bytes, envelope: GroupMessage, signed_part: bytes) -> None:
         try:
-            nacl.signing.VerifyKey(self.verify_key).verify(
-                _signed_bytes(gid, envelope), envelope.sig
+            nacl.bindings.crypto_sign_open(
+                envelope.sig + _SIG_DOMAIN + gid + signed_part, self.verify_key
             )
         except nacl.exceptions.BadSignatureError as exc:
             raise DecryptError(
@@ -308,8 +319,9 @@ class InboundChain:
         if envelope.chain_id != self.chain_id:
             raise DecryptError("message belongs to another chain", reason="unknown-chain")
         gid = group_id(group_topic)
-        self._verify(gid, envelope)
-        digest = _digest(envelope)
+        signed_part = envelope.signed_part()
+        self._verify(gid, envelope, signed_part)
+        digest = _digest(envelope, signed_part)
         previous = self.seen.get(envelope.index)
         if previous is not None:
             if history or hmac.compare_digest(previous, digest):

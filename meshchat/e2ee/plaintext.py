@@ -91,41 +91,52 @@ class Inner:
 
     def __post_init__(self) -> None:
         """Check the fields against the kind's schema; message ids become tuples."""
-        _check(self.kind, self.ts, self.fields)
-        converted = tuple(
-            _convert(value, expected)
-            for value, expected in zip(self.fields, FIELDS[self.kind], strict=True)
-        )
-        object.__setattr__(self, "fields", converted)
+        object.__setattr__(self, "fields", _checked(self.kind, self.ts, self.fields))
 
 
-def _check_ref(value: object, what: str) -> tuple[int, int]:
+def _ref(value: object) -> tuple[int, int] | None:
+    """A (chain id, index) message id, or None if `value` is not one."""
     if (
         isinstance(value, list | tuple)
         and len(value) == 2
         and all(type(part) is int and 0 <= part <= _U32 for part in value)
     ):
         return (int(value[0]), int(value[1]))
-    raise EnvelopeError(f"{what} must be a (chain id, index) pair")
+    return None
 
 
-def _check_field(value: object, expected: str, what: str) -> None:
-    if expected == _STR and not isinstance(value, str):
-        raise EnvelopeError(f"{what} must be text")
-    if expected == _INT and (type(value) is not int or not 0 <= value <= 2**53):
-        raise EnvelopeError(f"{what} must be a non-negative integer")
-    if expected == _BYTES and not isinstance(value, bytes):
-        raise EnvelopeError(f"{what} must be bytes")
+def _field(value: object, expected: str) -> tuple[bool, object]:
+    """(whether `value` has the `expected` type, the value as kept: message ids as tuples)."""
+    if expected == _STR:
+        return isinstance(value, str), value
+    if expected == _INT:
+        return type(value) is int and 0 <= value <= 2**53, value
+    if expected == _BYTES:
+        return isinstance(value, bytes), value
     if expected == _REF:
-        _check_ref(value, what)
-    if expected == _REFS:
-        if not isinstance(value, list | tuple) or len(value) > _MAX_REFS:
-            raise EnvelopeError(f"{what} must be a list of at most {_MAX_REFS} message ids")
-        for ref in value:
-            _check_ref(ref, what)
+        ref = _ref(value)
+        return ref is not None, ref
+    if not isinstance(value, list | tuple) or len(value) > _MAX_REFS:
+        return False, value
+    refs = tuple(_ref(item) for item in value)
+    return None not in refs, refs
 
 
-def _check(kind: Kind, ts: object, fields: tuple[object, ...]) -> None:
+_WANTED: Final = {
+    _STR: "must be text",
+    _INT: "must be a non-negative integer",
+    _BYTES: "must be bytes",
+    _REF: "must be a (chain id, index) pair",
+    _REFS: f"must be a list of at most {_MAX_REFS} message ids",
+}
+
+
+def _checked(kind: Kind, ts: object, fields: tuple[object, ...]) -> tuple[object, ...]:
+    """`fields` as kept, after checking them against the kind's schema.
+
+    Raises:
+        EnvelopeError: a bad timestamp, the wrong number of fields, or a field of the wrong type.
+    """
     if type(ts) is not int or not 0 <= ts <= _U32:
         raise EnvelopeError("timestamp must be unix seconds (0..2**32-1)")
     schema = FIELDS[kind]
@@ -133,18 +144,13 @@ def _check(kind: Kind, ts: object, fields: tuple[object, ...]) -> None:
         raise EnvelopeError(
             f"{kind.name.lower()} message has {len(fields)} fields; it must have {len(schema)}"
         )
+    kept: list[object] = []
     for number, (value, expected) in enumerate(zip(fields, schema, strict=True)):
-        _check_field(value, expected, f"{kind.name.lower()} field {number + 1}")
-
-
-def _convert(value: object, expected: str) -> object:
-    """Message ids as tuples, whatever sequence type they arrived as."""
-    if expected == _REF:
-        return _check_ref(value, "message id")
-    if expected == _REFS:
-        assert isinstance(value, list | tuple)
-        return tuple(_check_ref(ref, "message id") for ref in value)
-    return value
+        ok, converted = _field(value, expected)
+        if not ok:
+            raise EnvelopeError(f"{kind.name.lower()} field {number + 1} {_WANTED[expected]}")
+        kept.append(converted)
+    return tuple(kept)
 
 
 def _normalise(value: object) -> object:
@@ -208,4 +214,4 @@ def decode_inner(data: bytes) -> Inner:
     if not isinstance(items, list) or not items:
         raise EnvelopeError("message must be a non-empty array")
     ts, *fields = items
-    return Inner(Kind(kind), ts, tuple(fields))
+    return Inner(kind, ts, tuple(fields))

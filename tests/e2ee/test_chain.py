@@ -203,3 +203,16 @@ def test_random_mixed_traffic_never_corrupts_state() -> None:
         else:
             assert bob.decrypt(GROUP, sent[i]) == f"{i}".encode()
             delivered.add(i)
+
+
+@pytest.mark.parametrize(
+    ("field", "length"), [("verify_key", 31), ("verify_key", 33), ("chain_key", 16)]
+)
+def test_a_chain_with_a_key_of_the_wrong_length_cannot_be_built(field: str, length: int) -> None:
+    # Verification hands the verify key straight to libsodium, which reads 32 bytes: a chain
+    # restored from a damaged state file must fail here, not read past the key.
+    alice = OutboundChain.new(now=NOW)
+    share = alice.share()
+    keys = {"verify_key": share.verify_key, "chain_key": share.chain_key, field: bytes(length)}
+    with pytest.raises(ValueError, match=field.replace("_", " ")):
+        InboundChain(share.chain_id, "alice-phone", keys["verify_key"], 0, keys["chain_key"])
