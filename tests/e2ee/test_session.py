@@ -474,3 +474,26 @@ def test_malformed_input_on_any_path_never_crashes(payload: bytes) -> None:
         session.on_group_message(LINE1, candidate)
         session.on_inbox(candidate)
     assert session.pending <= 2
+
+
+def test_a_directory_rebinding_an_identity_is_reported_and_its_devices_get_nothing(
+    net: Net, org: Org
+) -> None:
+    # The directory swaps bob's identity key and lists a device of its own choosing.
+    org.identities["bob"] = SigningKeyPair.generate()
+    rogue = Device("b-rogue", "bob")
+    org.devices["bob"] = [rogue]
+    net.broadcast_record("bob")
+    assert "identity key" in refusal(net.events["a1"])
+    mark = len(net.published)
+    net.send("a1", LINE1, "still pinned")
+    assert "b-rogue" not in inbox_targets(net, mark)
+    # The pin survives a restart: the same record is refused again.
+    a1_device = org.devices["alice"][0]
+    restored = DeviceSession.from_bytes(
+        net.sessions["a1"].to_bytes(), trust=org.trust, signing=a1_device.signing, box=a1_device.box
+    )
+    org.versions["bob"] += 1
+    again = restored.on_key_record("bob", org.record("bob"))
+    assert "identity key" in refusal(again.events)
+    assert restored.keys.device("bob", "b-rogue") is None
