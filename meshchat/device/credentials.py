@@ -29,6 +29,7 @@ from typing import Final, Self
 
 from meshchat.e2ee import BoxKeyPair, OrgTrust, SigningKeyPair
 from meshchat.errors import ConfigError, MeshchatError
+from meshchat.files import fsync_directory, write_temporary
 from meshchat.topics import validate_name
 
 __all__ = ["CREDENTIALS_FORMAT", "DeviceCredentials"]
@@ -129,15 +130,10 @@ class DeviceCredentials:
         tmp = path.with_name(f".{path.name}.tmp")
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, self.to_json().encode("utf-8"))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            tmp = write_temporary(path, self.to_json().encode("utf-8"))
             # link() refuses an existing target, where rename() would replace it.
             os.link(tmp, path)
+            fsync_directory(path.parent)
         except FileExistsError as exc:
             raise ConfigError(
                 f"{path} already exists; device credentials are never overwritten"

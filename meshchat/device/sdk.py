@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import threading
 import time
@@ -57,6 +56,7 @@ from meshchat.errors import (
     OrderError,
     TransportError,
 )
+from meshchat.files import write_private
 
 __all__ = ["DEFAULT_KEEPALIVE", "Device", "Order", "OrderHandler"]
 
@@ -117,19 +117,6 @@ class Order:
 
 OrderHandler = Callable[[Order], object]
 """Called once per work order, on paho's thread (keep it short, or hand the order on)."""
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` atomically, readable by this user only."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
 
 
 class Device:
@@ -241,7 +228,7 @@ class Device:
         if self.state_path is None:
             return
         try:
-            _write_private(self.state_path, self.core.state())
+            write_private(self.state_path, self.core.state())
         except OSError as exc:
             logger.warning("could not save the device state to %s: %s", self.state_path, exc)
 

@@ -32,7 +32,6 @@ import base64
 import dataclasses
 import errno
 import hmac
-import os
 import secrets
 import shutil
 import tempfile
@@ -66,6 +65,7 @@ from meshchat.errors import (
     MeshchatError,
     NotFoundError,
 )
+from meshchat.files import fsync_directory
 from meshchat.topics import PREFIX, SITES_DEPARTMENT, GroupTopic, validate_name
 
 __all__ = [
@@ -213,7 +213,7 @@ class OrgKeys:
                         f"{keys_path} already holds keys; org keys are never overwritten"
                     ) from exc
                 raise ConfigError(f"cannot create {keys_path}: {exc.strerror}") from exc
-            _fsync_directory(data_path)
+            fsync_directory(data_path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return cls(KeyStore(keys_path), trust, directory_key, geofence_key)
@@ -583,11 +583,3 @@ def _decode_roster(state: RosterState | None) -> Roster | None:
     if roster.epoch != state.epoch or not _same(roster.hash, state.hash):
         raise DirectoryError(f"the stored roster of {state.path} does not match its epoch")
     return roster
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,6 +22,7 @@ import nacl.secret
 import nacl.utils
 
 from meshchat.errors import ConfigError, E2EEError
+from meshchat.files import write_private
 
 __all__ = ["KeyStore", "WrongPassphraseError"]
 
@@ -62,22 +63,8 @@ class KeyStore:
         return self.directory / name
 
     def save(self, name: str, secret: bytes) -> None:
-        """Write a secret atomically, readable by this user only."""
-        path = self._path(name)
-        tmp = path.with_name(f".{name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, secret)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
-        directory_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
+        """Write a secret atomically and durably, readable by this user only."""
+        write_private(self._path(name), secret)
 
     def load(self, name: str) -> bytes | None:
         """A secret, or None when there is none.
