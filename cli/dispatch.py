@@ -21,9 +21,10 @@ from cli.common import (
     fail,
 )
 from meshchat.client import Client, DeviceProfile, open_profile
-from meshchat.client.dispatch import LedgerOrder
+from meshchat.client.dispatch import DISPATCH_FILE, DispatchLedger, LedgerOrder
+from meshchat.client.handoff import hand_off_answer, hand_off_order
 from meshchat.device import OrderState
-from meshchat.errors import MeshchatError
+from meshchat.errors import BusyError, MeshchatError
 
 __all__ = ["dispatch_app"]
 
@@ -115,7 +116,11 @@ def send(
     profile = _profile(data, as_user)
 
     async def work() -> tuple[LedgerOrder, bool]:
-        async with Client(profile, broker=broker, send_receipts=False) as client:
+        try:
+            client = Client(profile, broker=broker, send_receipts=False)
+        except BusyError:  # a `tail` or `chat` runs on this profile: it sends for us
+            return await hand_off_order(profile, device, text, wait=wait)
+        async with client:
             order = await client.send_order(device, text)
             return order, await _flushed(client, wait)
 
@@ -153,7 +158,12 @@ def answer(
     profile = _profile(data, as_user)
 
     async def work() -> bool:
-        async with Client(profile, broker=broker, send_receipts=False) as client:
+        try:
+            client = Client(profile, broker=broker, send_receipts=False)
+        except BusyError:  # a `tail` or `chat` runs on this profile: it sends for us
+            _, sent = await hand_off_answer(profile, order_id, wanted, reason, wait=wait)
+            return sent
+        async with client:
             await client.answer_order(order_id, wanted, reason)
             return await _flushed(client, wait)
 
@@ -182,11 +192,20 @@ def list_orders(
     data: DataOption = DEFAULT_DATA,
     json_output: JsonOption = False,
 ) -> None:
-    """Every work order of this device profile with its state and times."""
+    """Every work order of this device profile with its state and times.
+
+    Beside a running `tail` or `chat` on the profile, the orders are read from its ledger, which
+    that process keeps up to date.
+    """
     profile = _profile(data, as_user)
 
     async def work() -> list[LedgerOrder]:
-        async with Client(profile, broker=broker, send_receipts=False) as client:
+        try:
+            client = Client(profile, broker=broker, send_receipts=False)
+        except BusyError:  # the running client records every answer as it arrives
+            with DispatchLedger(profile.path / DISPATCH_FILE) as ledger:
+                return ledger.orders(open_only=open_only)
+        async with client:
             if catch_up > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(catch_up):

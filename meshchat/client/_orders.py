@@ -9,8 +9,9 @@ from collections.abc import Callable
 from meshchat.client._shared import Shared
 from meshchat.client.dispatch import DispatchLedger, LedgerOrder
 from meshchat.client.events import OrderChanged
+from meshchat.client.store import ClientStore
 from meshchat.device.orders import OrderState, new_order_id, order_inner, state_inner
-from meshchat.e2ee import Direct, PairKind, encode_inner, seal_pairwise
+from meshchat.e2ee import DeviceKeys, DeviceSession, Direct, PairKind, encode_inner, seal_pairwise
 from meshchat.envelope import encode
 from meshchat.errors import E2EEError, NotFoundError, OrderError
 from meshchat.topics import InboxTopic
@@ -18,12 +19,89 @@ from meshchat.topics import InboxTopic
 __all__: list[str] = []  # internal: `meshchat.client.core` is the public face
 
 
+def queue_order(
+    session: DeviceSession,
+    store: ClientStore,
+    dispatch: DispatchLedger,
+    *,
+    owner: tuple[str, DeviceKeys],
+    device: str,
+    text: str,
+    now: float,
+) -> tuple[LedgerOrder, int]:
+    """Seal a work order to `device` (of user and keys `owner`), queue it, enter it in the ledger.
+
+    Sealing needs only this device's signing key and the recipient's box key, never a chain, so
+    a process that does not run the profile's client may do it too (`meshchat.client.handoff`).
+
+    Returns:
+        The order as entered in the ledger, and its outbox id.
+
+    Raises:
+        EnvelopeError: the text is empty or too long.
+    """
+    user, keys = owner
+    order_id = new_order_id()
+    inner = order_inner(order_id, text, ts=int(now))
+    sealed = seal_pairwise(
+        sender=session.device,
+        sender_key=session.signing,
+        recipient=device,
+        recipient_box=keys.box,
+        kind=PairKind.DIRECT,
+        fields=(encode_inner(inner),),
+    )
+    topic = InboxTopic(session.org, device).topic
+    item = store.enqueue_sealed(topic, encode_inner(inner), [(topic, encode(sealed))])
+    return dispatch.add_sent(order_id, device=device, user=user, text=text, ts=inner.ts), item
+
+
+def queue_answer(
+    session: DeviceSession,
+    store: ClientStore,
+    dispatch: DispatchLedger,
+    *,
+    order_id: str,
+    state: OrderState,
+    reason: str,
+    now: float,
+) -> tuple[LedgerOrder, int]:
+    """Answer a work order sent to this user: seal the answer, move the ledger, queue it.
+
+    The answer is sealed before the ledger moves, so an answer that cannot be sealed leaves the
+    order as it was.
+
+    Returns:
+        The order as moved, and the answer's outbox id.
+
+    Raises:
+        OrderError: no such order sent to this user, it cannot move there, a rejection without
+            a reason, or no key record of the dispatcher has arrived.
+    """
+    order = dispatch.order(order_id)
+    if order is None or order.direction != "in":
+        raise OrderError(f"no work order {order_id!r} was sent to {session.user} here")
+    if state is OrderState.REJECTED and not reason.strip():
+        raise OrderError("a rejection needs a reason")
+    inner = state_inner(order_id, state, reason, ts=int(now))
+    try:
+        outgoing = session.seal_direct(order.user, inner)
+    except E2EEError as exc:
+        raise OrderError(f"cannot answer {order_id}: {exc}") from exc
+    moved = dispatch.move(order_id, state, reason, int(now))
+    if moved is None:
+        raise OrderError(f"work order {order_id} is {order.state}; it cannot become {state}")
+    topic = InboxTopic(session.org, order.device).topic
+    pairs = [(item.topic, item.payload) for item in outgoing]
+    return moved, store.enqueue_sealed(topic, encode_inner(inner), pairs)
+
+
 class WorkOrders:
     """Sends work orders and their answers through the outbox; takes the ones that arrive."""
 
     def __init__(self, shared: Shared, *, dispatch: DispatchLedger, ready_timeout: float) -> None:
         """Prepare; orders and their answers are kept in `dispatch`."""
-        self._org, self._device, self._user = shared.org, shared.device, shared.user
+        self._user = shared.user
         self._session, self._store = shared.session, shared.store
         self._clock, self._emit = shared.clock, shared.emit
         self._outbox_changed, self._records_changed = shared.outbox_changed, shared.records_changed
@@ -47,20 +125,15 @@ class WorkOrders:
                     owner = self._session.keys.owner(device)
         if owner is None:
             raise NotFoundError(f"no device {device!r} is known (no key record lists it)")
-        user, keys = owner
-        order_id = new_order_id()
-        inner = order_inner(order_id, text, ts=int(self._clock()))
-        sealed = seal_pairwise(
-            sender=self._device,
-            sender_key=self._session.signing,
-            recipient=device,
-            recipient_box=keys.box,
-            kind=PairKind.DIRECT,
-            fields=(encode_inner(inner),),
+        order, _ = queue_order(
+            self._session,
+            self._store,
+            self._dispatch,
+            owner=owner,
+            device=device,
+            text=text,
+            now=self._clock(),
         )
-        topic = InboxTopic(self._org, device).topic
-        self._store.enqueue_sealed(topic, encode_inner(inner), [(topic, encode(sealed))])
-        order = self._dispatch.add_sent(order_id, device=device, user=user, text=text, ts=inner.ts)
         self._outbox_changed.set()
         self._orders_changed.set()
         self._emit(OrderChanged(order))
@@ -73,23 +146,16 @@ class WorkOrders:
             OrderError: no such order sent to this user, it cannot move there, or a rejection
                 without a reason.
         """
-        order = self._dispatch.order(order_id)
-        if order is None or order.direction != "in":
-            raise OrderError(f"no work order {order_id!r} was sent to {self._user} here")
-        if state is OrderState.REJECTED and not reason.strip():
-            raise OrderError("a rejection needs a reason")
-        moved = self._dispatch.move(order_id, state, reason, int(self._clock()))
-        if moved is None:
-            raise OrderError(f"work order {order_id} is {order.state}; it cannot become {state}")
+        moved, _ = queue_answer(
+            self._session,
+            self._store,
+            self._dispatch,
+            order_id=order_id,
+            state=state,
+            reason=reason,
+            now=self._clock(),
+        )
         self._emit(OrderChanged(moved))
-        inner = state_inner(order_id, state, reason, ts=int(self._clock()))
-        try:
-            outgoing = self._session.seal_direct(order.user, inner)
-        except E2EEError as exc:
-            raise OrderError(f"cannot answer {order_id}: {exc}") from exc
-        topic = InboxTopic(self._org, order.device).topic
-        pairs = [(item.topic, item.payload) for item in outgoing]
-        self._store.enqueue_sealed(topic, encode_inner(inner), pairs)
         self._outbox_changed.set()
         self._orders_changed.set()
         return moved

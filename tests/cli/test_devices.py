@@ -58,8 +58,13 @@ def list_json(data: Path) -> dict[str, dict[str, object]]:
     return {row["device"]: row for row in json.loads(done.stdout)}
 
 
-def list_beside_a_running_tail(server: Path) -> None:
-    """Beside a running `tail` on alice's profile: what her device last read, presence unknown."""
+def work_order_beside_a_running_tail(server: Path, device_dir: Path) -> None:
+    """Beside a running `tail` on alice's profile, then with the device running.
+
+    `device list` shows what her device last read; `dispatch send` hands the order to the tail,
+    and `dispatch list` reads its ledger. The device is off: its next run takes the order and
+    accepts it.
+    """
     tail = subprocess.Popen(
         [MESHCHAT, "tail", "--as", "alice", "ops/dispatch", "--json", "--data", str(server)],
         stdout=subprocess.PIPE,
@@ -76,26 +81,27 @@ def list_beside_a_running_tail(server: Path) -> None:
         assert "on route" in beside.stdout
         assert "presence unknown" in beside.stderr
         assert f"pid {tail.pid}" in beside.stderr
+        sent = meshchat(
+            server,
+            "dispatch",
+            "send",
+            "van-1",
+            "pick up 12 pallets at gate 4",
+            "--as",
+            "alice",
+            "--json",
+        )
+        assert sent.returncode == 0, sent.stderr
+        handed = json.loads(sent.stdout)
+        assert handed["queued"] is False  # the tail's client published it
+        order_id = handed["id"]
+        listed = meshchat(server, "dispatch", "list", "--as", "alice", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [(o["id"], o["state"]) for o in json.loads(listed.stdout)] == [(order_id, "sent")]
     finally:
         tail.terminate()
         tail.wait(timeout=20)
         reader.rest()  # the reading thread ends with the process and closes the pipe
-
-
-def work_order_while_offline(server: Path, device_dir: Path) -> None:
-    """A work order sent while the device is off: its next run takes it and accepts it."""
-    sent = meshchat(
-        server,
-        "dispatch",
-        "send",
-        "van-1",
-        "pick up 12 pallets at gate 4",
-        "--as",
-        "alice",
-        "--json",
-    )
-    assert sent.returncode == 0, sent.stderr
-    order_id = json.loads(sent.stdout)["id"]
     ran = run_example(device_dir)
     assert ran.returncode == 0, ran.stderr
     assert "work order: pick up 12 pallets at gate 4" in ran.stdout
@@ -148,9 +154,7 @@ def test_add_run_the_readme_example_list_and_remove(server: Path, tmp_path: Path
     assert "van-1" in table.stdout
     assert "on route" in table.stdout
 
-    list_beside_a_running_tail(server)
-
-    work_order_while_offline(server, device_dir)
+    work_order_beside_a_running_tail(server, device_dir)
 
     removed = meshchat(server, "device", "remove", "van-1")
     assert removed.returncode == 0, removed.stderr
