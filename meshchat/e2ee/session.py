@@ -30,9 +30,9 @@ The rules it carries out (DESIGN.md section 5):
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import msgpack
 
@@ -220,6 +220,10 @@ class DeviceSession:
         self._requested: dict[tuple[str, int], int] = {}
         self._answered: OrderedDict[tuple[str, str, int, int], None] = OrderedDict()
         self._revoked: set[str] = set()
+        # What changed since `take_changes` last ran (everything, for a session never saved).
+        self._all_changed = True
+        self._changed: set[str] = set()
+        self._changed_chains: set[tuple[str, int]] = set()
 
     # ---------------------------------------------------------------- inputs: rosters, records
 
@@ -238,6 +242,7 @@ class DeviceSession:
             return step
         if before is not None and roster == before:
             return step
+        self._changed.add(ROSTERS_PART)
         since = self._since.setdefault(group_topic, {})
         if before is None:
             for member in roster.members:
@@ -275,6 +280,7 @@ class DeviceSession:
         except (KeyRecordError, EnvelopeError) as exc:
             step.events.append(Refused(f"key record of {user}", str(exc)))
             return step
+        self._changed.add(RECORDS_PART)
         old = {d.name: d for d in before.devices} if before else {}
         new = {d.name: d for d in record.devices}
         gone = [name for name, keys in old.items() if new.get(name) != keys]
@@ -345,6 +351,7 @@ class DeviceSession:
         self._inbound[(group_topic, chain.chain_id)] = InboundChain.from_share(
             share, sender=self.device
         )
+        self._changed_chains.add((group_topic, chain.chain_id))
         outgoing.extend(self._distribute(group_topic, share, self.keys.devices_of(roster.members)))
         if roster.compliance and self.trust.compliance is not None:
             copy = seal_distribution(
@@ -419,6 +426,7 @@ class DeviceSession:
             self._wait(group_topic, envelope, payload, history)
             step.events.append(Waiting(group_topic, message_id))
             return step
+        self._changed_chains.add((group_topic, envelope.chain_id))
         try:
             inner = decode_inner(chain.decrypt(group_topic, envelope, history=history))
         except DuplicateMessageError:
@@ -543,6 +551,7 @@ class DeviceSession:
         """Install a verified share; None when taken, else why it was refused."""
         key = (group_topic, share.chain_id)
         chain = self._inbound.get(key)
+        self._changed_chains.add(key)
         if chain is None:
             self._inbound[key] = InboundChain.from_share(share, sender=sender)
             return None
@@ -777,33 +786,66 @@ class DeviceSession:
         Outbound chains are saved only as what answers key requests: a restored session
         always starts a new chain before it sends, so no index is ever used twice.
         """
-        state = [
-            _STATE_VERSION,
-            self.user,
-            self.device,
+        chains = [self._chain_state(key, chain) for key, chain in self._inbound.items()]
+        return _pack(
+            _full_state(
+                [_PARTS_VERSION, self.user, self.device, *self._core_state()],
+                self._records_state(),
+                self._rosters_state(),
+                chains,
+            )
+        )
+
+    def take_changes(self) -> dict[str, bytes]:
+        """The parts of the state that changed since the last call, to save (`from_parts`).
+
+        A long-running client saves after every step. The whole state grows with every chain
+        it ever read (each keeps its seen set), so it saves in parts instead: the small core
+        always, key records and rosters when they changed, and only the chains a step touched.
+        The first call after creating a session or `from_bytes` returns every part. Part names
+        are ``core``, ``records``, ``rosters`` and ``chain:GROUP:CHAIN_ID``.
+
+        If saving the parts fails, call `mark_all_changed` so the next save writes them all.
+        """
+        core = [_PARTS_VERSION, self.user, self.device, *self._core_state()]
+        parts: dict[str, bytes] = {CORE_PART: _pack(core)}
+        if self._all_changed or RECORDS_PART in self._changed:
+            parts[RECORDS_PART] = _pack(self._records_state())
+        if self._all_changed or ROSTERS_PART in self._changed:
+            parts[ROSTERS_PART] = _pack(self._rosters_state())
+        chains = self._inbound if self._all_changed else self._changed_chains
+        for key in chains:
+            chain = self._inbound.get(key)
+            if chain is not None:
+                parts[chain_part(*key)] = _pack(self._chain_state(key, chain))
+        self._all_changed = False
+        self._changed.clear()
+        self._changed_chains.clear()
+        return parts
+
+    def mark_all_changed(self) -> None:
+        """Make the next `take_changes` return every part (after a save that failed)."""
+        self._all_changed = True
+
+    def _records_state(self) -> list[object]:
+        return [
             [[user, key] for user, key in self.keys.pins.items()],
             [record.encode() for record in self.keys.records.values()],
+        ]
+
+    def _rosters_state(self) -> list[object]:
+        return [
             [roster.encode() for roster in self.rosters.rosters.values()],
             [[group, list(since.items())] for group, since in self._since.items()],
+        ]
+
+    def _core_state(self) -> list[object]:
+        """Rotate, sent, pending, pending inbox, requested, revoked: small, saved every time."""
+        return [
             sorted(self._rotate),
             [
                 [s.group_topic, s.chain_id, s.verify_key, s.start_key, s.sent_at]
                 for s in self._sent.values()
-            ],
-            [
-                [
-                    group,
-                    c.chain_id,
-                    c.sender,
-                    c.verify_key,
-                    c.index,
-                    c.chain_key,
-                    c.start_index,
-                    c.start_key,
-                    list(c.skipped.items()),
-                    list(c.seen.items()),
-                ]
-                for (group, _), c in self._inbound.items()
             ],
             [
                 [g, c, i, payload, history]
@@ -813,8 +855,21 @@ class DeviceSession:
             [[g, c, i] for (g, c), i in self._requested.items()],
             sorted(self._revoked),
         ]
-        packed: bytes = msgpack.packb(state, use_bin_type=True)
-        return packed
+
+    @staticmethod
+    def _chain_state(key: tuple[str, int], c: InboundChain) -> list[object]:
+        return [
+            key[0],
+            c.chain_id,
+            c.sender,
+            c.verify_key,
+            c.index,
+            c.chain_key,
+            c.start_index,
+            c.start_key,
+            list(c.skipped.items()),
+            list(c.seen.items()),
+        ]
 
     @classmethod
     def from_bytes(
@@ -830,14 +885,51 @@ class DeviceSession:
         Raises:
             E2EEError: the state is corrupt or belongs to another format version.
         """
-        try:
-            state = msgpack.unpackb(data, raw=False, max_map_len=0)
-        except (ValueError, msgpack.UnpackException) as exc:
-            msg = f"the saved session state is corrupt: {exc}"
-            raise E2EEError(msg) from exc
+        state = _unpack_state(data)
         if not isinstance(state, list) or not state or state[0] != _STATE_VERSION:
             msg = "the saved session state is from another version of meshchat"
             raise E2EEError(msg)
+        return cls._from_state(state, trust=trust, signing=signing, box=box, changed=True)
+
+    @classmethod
+    def from_parts(
+        cls,
+        parts: Mapping[str, bytes],
+        *,
+        trust: OrgTrust,
+        signing: SigningKeyPair,
+        box: BoxKeyPair,
+    ) -> DeviceSession:
+        """Restore a session saved in parts (`take_changes`); nothing counts as changed after.
+
+        Raises:
+            E2EEError: a part is missing or corrupt, or from another format version.
+        """
+        if CORE_PART not in parts:
+            raise E2EEError("the saved session state has no core part")
+        core = _unpack_state(parts[CORE_PART])
+        if not isinstance(core, list) or not core or core[0] != _PARTS_VERSION:
+            msg = "the saved session state is from another version of meshchat"
+            raise E2EEError(msg)
+        records = _unpack_state(parts.get(RECORDS_PART, _EMPTY_PAIR))
+        rosters = _unpack_state(parts.get(ROSTERS_PART, _EMPTY_PAIR))
+        chains = [
+            _unpack_state(value) for name, value in parts.items() if name.startswith(_CHAIN_PREFIX)
+        ]
+        state = _full_state(core, records, rosters, chains)
+        return cls._from_state(state, trust=trust, signing=signing, box=box, changed=False)
+
+    @classmethod
+    def _from_state(
+        cls,
+        state: list[Any],
+        *,
+        trust: OrgTrust,
+        signing: SigningKeyPair,
+        box: BoxKeyPair,
+        changed: bool,
+    ) -> DeviceSession:
+        """The session a `to_bytes` layout describes; `changed`: save every part next time."""
         try:
             (
                 _version,
@@ -895,6 +987,7 @@ class DeviceSession:
             session._pending_inbox = list(pending_inbox)
             session._requested = {(g, c): i for g, c, i in requested}
             session._revoked = set(revoked)
+            session._all_changed = changed
         except (ValueError, TypeError, EnvelopeError) as exc:
             msg = f"the saved session state is corrupt: {exc}"
             raise E2EEError(msg) from exc
@@ -902,6 +995,52 @@ class DeviceSession:
 
 
 _STATE_VERSION: Final = 1
+_PARTS_VERSION: Final = 1
+CORE_PART: Final = "core"
+RECORDS_PART: Final = "records"
+ROSTERS_PART: Final = "rosters"
+_CHAIN_PREFIX: Final = "chain:"
+_EMPTY_PAIR: Final = b"\x92\x90\x90"  # msgpack [[], []]
+
+
+def chain_part(group_topic: str, chain_id: int) -> str:
+    """The name of the saved part holding one inbound chain (`DeviceSession.take_changes`)."""
+    return f"{_CHAIN_PREFIX}{group_topic}:{chain_id}"
+
+
+def _full_state(core: object, records: object, rosters: object, chains: list[Any]) -> list[Any]:
+    """The `to_bytes` layout from the parts.
+
+    That is: version, user, device, pins, records, rosters, since, rotate, sent, chains,
+    pending, pending inbox, requested, revoked.
+
+    Raises:
+        E2EEError: a part does not have its layout.
+    """
+    if not (
+        isinstance(core, list)
+        and len(core) == 9
+        and isinstance(records, list)
+        and len(records) == 2
+        and isinstance(rosters, list)
+        and len(rosters) == 2
+    ):
+        raise E2EEError("the saved session state is corrupt: a part has the wrong layout")
+    _version, user, device, rotate, sent, *after = core
+    return [_STATE_VERSION, user, device, *records, *rosters, rotate, sent, chains, *after]
+
+
+def _pack(value: object) -> bytes:
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
+def _unpack_state(data: bytes) -> object:
+    try:
+        return msgpack.unpackb(data, raw=False, max_map_len=0)
+    except (ValueError, msgpack.UnpackException) as exc:
+        msg = f"the saved session state is corrupt: {exc}"
+        raise E2EEError(msg) from exc
 
 
 def _signed(envelope: Signed | bytes) -> Signed:

@@ -32,6 +32,7 @@ from meshchat.e2ee import (
     sign_roster,
 )
 from meshchat.e2ee.chain import advance
+from meshchat.e2ee.session import chain_part
 from meshchat.envelope import Distribution, GroupMessage, Sealed, Signed, decode, encode
 from meshchat.errors import DecryptError, E2EEError
 from meshchat.topics import InboxTopic, parse_topic
@@ -497,3 +498,47 @@ def test_a_directory_rebinding_an_identity_is_reported_and_its_devices_get_nothi
     again = restored.on_key_record("bob", org.record("bob"))
     assert "identity key" in refusal(again.events)
     assert restored.keys.device("bob", "b-rogue") is None
+
+
+def test_saving_in_parts_writes_only_what_a_step_touched_and_restores_the_same_session(
+    net: Net, org: Org
+) -> None:
+    b1 = net.sessions["b1"]
+    saved = b1.take_changes()  # the first save: everything
+    assert {"core", "records", "rosters"} <= set(saved)
+    for round_ in range(3):  # three chains of alice's: a policy change rotates each time
+        net.send("a1", LINE1, f"round {round_}")
+        net.broadcast_roster(LINE1, "alice", "bob", policy=round_ + 1)
+        saved.update(b1.take_changes())
+    chains = {name for name in saved if name.startswith("chain:")}
+    assert len(chains) == 3
+    sent = net.send("a1", LINE1, "one more")
+    changed = b1.take_changes()
+    # One message touched one chain: the core and that chain are saved, nothing else.
+    assert set(changed) == {"core", chain_part(LINE1, decode_id(sent.payload)[0])}
+    saved.update(changed)
+    b1_device = org.devices["bob"][0]
+    restored = DeviceSession.from_parts(
+        saved, trust=org.trust, signing=b1_device.signing, box=b1_device.box
+    )
+    assert restored.to_bytes() == b1.to_bytes()
+    assert set(restored.take_changes()) == {"core"}  # a restored session has nothing new
+    # The redelivered message is known to the restored session: a duplicate, not a new read.
+    assert restored.on_group_message(LINE1, sent.payload).events == []
+
+
+def test_a_session_saved_in_parts_refuses_missing_or_damaged_parts(net: Net, org: Org) -> None:
+    parts = net.sessions["b1"].take_changes()
+    b1_device = org.devices["bob"][0]
+
+    def restore(changed: dict[str, bytes]) -> DeviceSession:
+        return DeviceSession.from_parts(
+            changed, trust=org.trust, signing=b1_device.signing, box=b1_device.box
+        )
+
+    with pytest.raises(E2EEError, match="no core part"):
+        restore({k: v for k, v in parts.items() if k != "core"})
+    with pytest.raises(E2EEError, match="corrupt"):
+        restore(parts | {"records": b"\xc1"})
+    with pytest.raises(E2EEError, match="corrupt"):
+        restore(parts | {"rosters": b"\x91\x90"})
