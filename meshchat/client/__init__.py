@@ -19,7 +19,7 @@ from meshchat.client.core import (
 )
 from meshchat.client.dispatch import DISPATCH_FILE, Direction, DispatchLedger, LedgerOrder
 from meshchat.client.fleet import Fleet
-from meshchat.client.handoff import hand_off
+from meshchat.client.handoff import hand_off, hand_off_answer, hand_off_order
 from meshchat.client.login import LoginRefusedError, default_device_name, login
 from meshchat.client.presence import MAX_TRACKED, OFFLINE, ONLINE, PresenceTracker, Seen
 from meshchat.client.profile import (
@@ -98,6 +98,8 @@ __all__ = [
     "check_qos",
     "default_device_name",
     "hand_off",
+    "hand_off_answer",
+    "hand_off_order",
     "list_profiles",
     "login",
     "open_profile",
