@@ -38,7 +38,7 @@ from meshchat.archive import (
     compliance_report,
     compliance_since,
     export_group,
-    export_size,
+    plan_export,
     policies_of,
     record_run,
     run_retention,
@@ -298,7 +298,7 @@ def export(
     with _open_store(data) as store:
         org = _org_from_store(store, data)
         header = ExportHeader(org, f"{dept}/{name}", low, high, now)
-        total = export_size(store, header.group, since=low, until=high)
+        plan = plan_export(store, header.group, since=low, until=high)
         tmp = out.with_name(out.name + ".partial")
         try:
             # Ciphertext only, but who wrote when is nobody else's business either: 0600.
@@ -307,9 +307,14 @@ def export(
                 _progress() as bar,
                 open(descriptor, "w", encoding="utf-8") as stream,  # noqa: PTH123  # a descriptor, not a path
             ):
-                task = bar.add_task(f"exporting {header.group}", total=total)
+                task = bar.add_task(f"exporting {header.group}", total=plan.total)
                 summary = export_group(
-                    store, stream, header, path=out, progress=lambda n: bar.advance(task, n)
+                    store,
+                    stream,
+                    header,
+                    path=out,
+                    progress=lambda n: bar.advance(task, n),
+                    plan=plan,
                 )
             tmp.replace(out)
         except OSError as exc:
@@ -371,8 +376,12 @@ def verify(
         with _progress() as bar:
             if not files:
                 with _open_store(data) as store:
-                    task = bar.add_task("checking the archive", total=store.count())
-                    check = verify_archive(store, progress=lambda n: bar.advance(task, n))
+                    # Every row is checked as the archive's org's, whatever its topic claims
+                    # (an empty archive has no row to check and needs no org).
+                    rows = store.count()
+                    org = _org_from_store(store, data) if rows else ""
+                    task = bar.add_task("checking the archive", total=rows)
+                    check = verify_archive(store, org=org, progress=lambda n: bar.advance(task, n))
                     results.append((str(store.path), check))
             for path in files or []:
                 task = bar.add_task(f"checking {path.name}", total=None)

@@ -18,7 +18,8 @@ no key to sign with. Authenticity comes from the envelopes themselves (each mess
 its sender's chain key), which `meshchat audit decrypt` checks.
 
 `verify_export` and `verify_archive` re-derive every header column from the payload and the
-topic, so a row whose columns were edited shows too.
+topic, so a row whose columns were edited shows too. They check each row as an envelope of the
+export header's org, or of the archive's: a row whose topic names another org is damaged.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
-from meshchat.archive.records import Record, Rejected, TopicKind, classify, digest
+from meshchat.archive.records import (
+    Record,
+    Rejected,
+    RejectReason,
+    TopicKind,
+    classify,
+    digest,
+)
 from meshchat.archive.store import ArchiveStore, StoredEnvelope
 from meshchat.envelope import EnvelopeType
 from meshchat.errors import ConfigError
@@ -43,9 +51,11 @@ __all__ = [
     "ExportCheck",
     "ExportHeader",
     "ExportLine",
+    "ExportPlan",
     "ExportSummary",
     "export_group",
     "export_size",
+    "plan_export",
     "read_export",
     "verify_archive",
     "verify_export",
@@ -155,27 +165,61 @@ def _record_dict(seq: int, envelope: StoredEnvelope) -> dict[str, object]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class ExportPlan:
+    """What an export of one group will write, found before it writes (for a progress bar).
+
+    `plan_export` counts from indexes and reads only the header columns of the range (to find
+    its chains) and the few older copies; `export_group` then streams the range's envelopes,
+    reading each once.
+
+    Attributes:
+        group: the group (``dept/group``).
+        since: the start of the range.
+        until: the end of the range.
+        key_records: the org's key records it will hold.
+        group_envelopes: the group's envelopes in the range (counted, not read).
+        copies: the compliance copies older than the range of the chains with messages in it
+            (about one per chain, so few), held here to be written.
+    """
+
+    group: str
+    since: float | None
+    until: float | None
+    key_records: int
+    group_envelopes: int
+    copies: tuple[StoredEnvelope, ...] = field(repr=False)
+
+    @property
+    def total(self) -> int:
+        """How many lines of envelopes the export will hold."""
+        return self.key_records + len(self.copies) + self.group_envelopes
+
+
+def plan_export(
+    store: ArchiveStore, group: str, *, since: float | None, until: float | None
+) -> ExportPlan:
+    """What an export of `group` in [since, until) will write (blocking: SQLite)."""
+    copies: tuple[StoredEnvelope, ...] = ()
+    if since is not None:
+        chains = store.chains_in(group, since=since, until=until)
+        # A chain's copies are few; by chain is the index that finds them fast.
+        copies = tuple(c for c in store.copies_of(group, chains) if c.received_at < since)
+    return ExportPlan(
+        group,
+        since,
+        until,
+        key_records=store.count(kind=TopicKind.KEY, until=until),
+        group_envelopes=store.count(group_path=group, since=since, until=until),
+        copies=copies,
+    )
+
+
 def export_size(
     store: ArchiveStore, group: str, *, since: float | None, until: float | None
 ) -> int:
     """How many lines of envelopes an export of `group` would hold (for a progress bar)."""
-    key_records = sum(1 for _ in store.key_records(until=until))
-    in_range = sum(1 for _ in store.group_envelopes(group, since=since, until=until))
-    return key_records + in_range + len(_older_copies(store, group, since=since, until=until))
-
-
-def _older_copies(
-    store: ArchiveStore, group: str, *, since: float | None, until: float | None
-) -> list[StoredEnvelope]:
-    """Compliance copies received before `since` of chains with messages in the range."""
-    if since is None:
-        return []
-    chains = {
-        envelope.chain_id
-        for envelope in store.group_envelopes(group, since=since, until=until)
-        if envelope.etype is EnvelopeType.GROUP and envelope.chain_id is not None
-    }
-    return [copy for copy in store.copies_of(group, sorted(chains)) if copy.received_at < since]
+    return plan_export(store, group, since=since, until=until).total
 
 
 def export_group(
@@ -185,6 +229,7 @@ def export_group(
     *,
     path: Path,
     progress: Progress | None = None,
+    plan: ExportPlan | None = None,
 ) -> ExportSummary:
     """Write the export of one group (blocking).
 
@@ -194,7 +239,15 @@ def export_group(
         header: the org, group and time range.
         path: the file's name, for the summary.
         progress: called with the number of envelopes written since its last call.
+        plan: the `plan_export` of the same group and range, when it was made already.
+
+    Raises:
+        ValueError: `plan` is of another group or range.
     """
+    if plan is None:
+        plan = plan_export(store, header.group, since=header.since, until=header.until)
+    elif (plan.group, plan.since, plan.until) != (header.group, header.since, header.until):
+        raise ValueError("the plan is of another group or range than the header")
     head = _line(header.as_dict())
     out.write(head + "\n")
     chain = hashlib.sha256(head.encode("utf-8")).digest()
@@ -213,7 +266,8 @@ def export_group(
                 progress(1)
 
     emit(store.key_records(until=header.until), "key")
-    emit(_older_copies(store, header.group, since=header.since, until=header.until), "copy")
+    emit(plan.copies, "copy")
+    # Streamed: a large group is never held in memory, and its rows are read this once.
     emit(store.group_envelopes(header.group, since=header.since, until=header.until), "group")
     out.write(_line({"end": True, "count": seq, "chain": chain.hex()}) + "\n")
     return ExportSummary(path, seq, counts["key"], counts["copy"], counts["group"])
@@ -259,12 +313,23 @@ def _mismatch(record: Record, columns: dict[str, object]) -> str | None:
     return None
 
 
-def _check_columns(topic: str, payload: bytes, columns: dict[str, object]) -> str | None:
-    """Why the stored columns do not fit the payload (None when they do)."""
-    org = topic.split("/")[1] if topic.count("/") >= 1 else ""
+def _check_columns(
+    topic: str, payload: bytes, columns: dict[str, object], *, org: str
+) -> str | None:
+    """Why the stored columns do not fit the payload (None when they do).
+
+    Args:
+        topic: the topic the row or line names.
+        payload: its envelope.
+        columns: its header columns.
+        org: the org of the archive or export, never the one the topic names: a row that
+            claims another org is damaged, not checked as that org's.
+    """
     try:
         record = classify(topic, payload, org=org, received_at=0.0)
     except Rejected as exc:
+        if exc.reason is RejectReason.IGNORED:
+            return f"not an envelope of {org}'s archive: {exc}"
         return f"the payload is not an archivable envelope: {exc}"
     return _mismatch(record, columns)
 
@@ -313,7 +378,7 @@ def _payload(value: dict[str, object]) -> bytes:
     return payload
 
 
-def _parse_record(value: object, expected_seq: int, group: str) -> ExportLine:
+def _parse_record(value: object, expected_seq: int, header: ExportHeader) -> ExportLine:
     """An envelope line, checked.
 
     Raises:
@@ -327,12 +392,12 @@ def _parse_record(value: object, expected_seq: int, group: str) -> ExportLine:
     received_at = value["received_at"]
     if isinstance(received_at, bool) or not isinstance(received_at, int | float):
         raise _BadLineError("received_at must be a number")
-    why = _check_columns(value["topic"], payload, value)
+    why = _check_columns(value["topic"], payload, value, org=header.org)
     if why is not None:
         raise _BadLineError(why)
     kind = TopicKind(value["kind"])
-    if kind is TopicKind.GROUP and value["group"] != group:
-        raise _BadLineError(f"an envelope of {value['group']}, not of {group}")
+    if kind is TopicKind.GROUP and value["group"] != header.group:
+        raise _BadLineError(f"an envelope of {value['group']}, not of {header.group}")
     if kind is TopicKind.INBOX:
         raise _BadLineError("inbox envelopes do not belong in a group export")
     return ExportLine(
@@ -409,7 +474,7 @@ class _Reader:
         if self.progress is not None:
             self.progress(1)
         try:
-            parsed = _parse_record(value, self.check.checked, header.group)
+            parsed = _parse_record(value, self.check.checked, header)
         except _BadLineError as exc:
             return self.check.add(f"line {number}: {exc}")
         if self.keep is not None:
@@ -475,8 +540,16 @@ def read_export(path: Path) -> tuple[ExportHeader, list[ExportLine]]:
     return check.header, kept
 
 
-def verify_archive(store: ArchiveStore, *, progress: Progress | None = None) -> ExportCheck:
-    """Check the archive: SQLite's integrity check, then every row against its payload."""
+def verify_archive(
+    store: ArchiveStore, *, org: str, progress: Progress | None = None
+) -> ExportCheck:
+    """Check the archive: SQLite's integrity check, then every row against its payload.
+
+    Args:
+        store: the archive.
+        org: the org the archive serves; a row whose topic names another org is damaged.
+        progress: called with the number of rows checked since its last call.
+    """
     check = ExportCheck()
     for found in store.integrity_problems():
         if not check.add(f"sqlite: {found}"):
@@ -493,7 +566,9 @@ def verify_archive(store: ArchiveStore, *, progress: Progress | None = None) -> 
         elif envelope.digest != digest(envelope.payload):
             problem = "the payload does not match its digest"
         else:
-            problem = _check_columns(envelope.topic, envelope.payload, _record_dict(0, envelope))
+            problem = _check_columns(
+                envelope.topic, envelope.payload, _record_dict(0, envelope), org=org
+            )
         if problem is not None and not check.add(f"row {row_id}: {problem}"):
             return check
     return check

@@ -173,7 +173,8 @@ def dist_chain(envelope: Distribution) -> tuple[str, int, int]:
     raise EnvelopeError("distribution statement has the wrong fields")
 
 
-def _decode(payload: bytes, kind: TopicKind, topic: str) -> Envelope:
+def _decode(payload: bytes, kind: TopicKind, topic: str) -> tuple[Envelope, EnvelopeType]:
+    """The envelope and its type, or a refusal when it does not belong on the topic."""
     try:
         envelope = decode(payload)
     except EnvelopeError as exc:
@@ -184,7 +185,7 @@ def _decode(payload: bytes, kind: TopicKind, topic: str) -> Envelope:
             RejectReason.MALFORMED,
             f"a {etype.name.lower()} envelope does not belong on {kind.value} topic {topic}",
         )
-    return envelope
+    return envelope, etype
 
 
 def _etype(envelope: Envelope) -> EnvelopeType:
@@ -273,14 +274,14 @@ def classify(topic: str, payload: bytes, *, org: str, received_at: float) -> Rec
             RejectReason.MALFORMED,
             f"a payload of {len(payload)} bytes is over the envelope limit of {MAX_ENVELOPE_LEN}",
         )
-    envelope = _decode(payload, kind, topic)
+    envelope, etype = _decode(payload, kind, topic)
     chain_id, chain_index, sender = _header(envelope, topic, group_path)
     return Record(
         topic=topic,
         kind=kind,
         group_path=group_path,
         name=name,
-        etype=_etype(envelope),
+        etype=etype,
         chain_id=chain_id,
         chain_index=chain_index,
         sender=sender,

@@ -21,22 +21,28 @@ on the last page, else what to send as `cursor` for the next one. A reply stays 
 `meshchat.rpc.MAX_RPC_LEN` (64 KiB).
 
 Only current members of a group get its history; a revoked user, a removed member and anyone
-else get a refusal that says so. The decision is made from a `DirectorySnapshot` (the broker's
-own policy snapshot inside ``meshchat up``).
+else get a refusal that says so. The decision is the access policy's
+(`meshchat.directory.policy.AccessPolicy`) over a `DirectorySnapshot` (the broker's own
+snapshot inside ``meshchat up``): whoever may read a group's topic may read its history.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal
 
 from meshchat.archive.store import ArchiveStore, Cursor, Page
-from meshchat.directory.model import UserStatus
-from meshchat.directory.policy import DirectorySnapshot
+from meshchat.directory.policy import (
+    AccessPolicy,
+    Action,
+    DirectorySnapshot,
+    Principal,
+    PrincipalKind,
+)
 from meshchat.directory.store import parse_group_path
 from meshchat.errors import MeshchatError, TopicError
 from meshchat.rpc import MAX_RPC_LEN, Request
-from meshchat.topics import validate_name
+from meshchat.topics import GroupTopic, validate_name
 
 __all__ = [
     "ITEM_OVERHEAD",
@@ -187,22 +193,22 @@ def authorize(
     query = _parse(request)
     if snapshot is None:
         raise RefusedError("this archiver has no directory to check membership: it answers no one")
-    account = snapshot.users.get(user)
-    if account is None or account.status is not UserStatus.ACTIVE:
+    # The policy the broker enforces decides, so history goes to exactly those who may read
+    # the live topic. The client id plays no part in these checks (as in the Mosquitto ACL).
+    policy = AccessPolicy(snapshot)
+    person = Principal(PrincipalKind.USER, user, user)
+    if not policy.still_valid(person):
         raise RefusedError(f"{user} is not an active user of {snapshot.org}")
     if query.op == "inbox":
-        device = snapshot.devices.get(query.subject)
-        if device is None or device.owner != user or device.status is not UserStatus.ACTIVE:
+        # An inbox is its device's alone: ask as a connection of that device would.
+        if not policy.still_valid(replace(person, device=query.subject)):
             raise RefusedError(f"{query.subject} is not an active device of {user}")
         return query
     dept, name = query.subject.split("/")
-    group = snapshot.groups.get((dept, name))
-    if group is None or group.expired(now):
-        raise RefusedError(f"no group {query.subject}")
-    if user not in group.members:
-        raise RefusedError(
-            f"{user} is not a member of {query.subject}: its history goes to members only"
-        )
+    topic = GroupTopic(snapshot.org, dept, name).topic
+    decision = policy.authorize(person, Action.RECEIVE, topic, now=now)
+    if not decision:
+        raise RefusedError(decision.reason)
     return query
 
 

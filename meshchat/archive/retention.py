@@ -108,18 +108,21 @@ def run_retention(
         inbox_retention_days: days inbox history is kept; None keeps it forever.
     """
     by_path = {policy.path: policy for policy in policies}
-    report = RetentionReport(ran_at=now)
+    deleted: dict[str, int] = {}
+    held: list[str] = []
+    kept: list[str] = []
+    unknown: list[str] = []
     for path in store.group_paths():
         policy = by_path.get(path)
         if policy is None:
-            report.unknown.append(path)
+            unknown.append(path)
         elif policy.legal_hold:
-            report.held.append(path)
+            held.append(path)
         elif policy.retention_days is None:
-            report.kept.append(path)
+            kept.append(path)
         else:
             cutoff = now - policy.retention_days * DAY
-            report.deleted[path] = store.delete_before(cutoff, group_path=path)
+            deleted[path] = store.delete_before(cutoff, group_path=path)
     inbox_deleted = 0
     if inbox_retention_days is not None:
         cutoff = now - inbox_retention_days * DAY
@@ -127,11 +130,11 @@ def run_retention(
     freed = store.vacuum()
     return RetentionReport(
         ran_at=now,
-        deleted=report.deleted,
+        deleted=deleted,
         inbox_deleted=inbox_deleted,
-        held=report.held,
-        kept=report.kept,
-        unknown=report.unknown,
+        held=held,
+        kept=kept,
+        unknown=unknown,
         freed_bytes=freed,
     )
 

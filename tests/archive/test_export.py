@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import sqlite3
@@ -17,6 +18,7 @@ from meshchat.archive import (
     TopicKind,
     export_group,
     export_size,
+    plan_export,
     read_export,
     verify_archive,
     verify_export,
@@ -46,9 +48,10 @@ def store(tmp_path: Path) -> Iterator[ArchiveStore]:
 
 def _export(store: ArchiveStore, path: Path, since: float | None = 100.0) -> None:
     header = ExportHeader(ORG, "ops/line1", since, 200.0, 300.0)
+    plan = plan_export(store, "ops/line1", since=since, until=200.0)
     with path.open("w", encoding="utf-8") as out:
-        summary = export_group(store, out, header, path=path)
-    assert summary.count == export_size(store, "ops/line1", since=since, until=200.0)
+        summary = export_group(store, out, header, path=path, plan=plan)
+    assert summary.count == plan.total == export_size(store, "ops/line1", since=since, until=200.0)
 
 
 def test_an_export_holds_key_records_the_copies_it_needs_and_the_range(
@@ -83,6 +86,28 @@ def test_an_export_holds_key_records_the_copies_it_needs_and_the_range(
         1,
         1,
     ]
+
+
+def test_an_export_reads_the_groups_envelopes_once_and_its_bar_counts_every_line(
+    store: ArchiveStore, tmp_path: Path
+) -> None:
+    path = tmp_path / "line1.jsonl"
+    header = ExportHeader(ORG, "ops/line1", 100.0, 200.0, 300.0)
+    statements: list[str] = []
+    ticks: list[int] = []
+    store.conn.set_trace_callback(statements.append)
+    try:
+        # What `meshchat archive export` does: plan (the bar's total), then write.
+        plan = plan_export(store, header.group, since=header.since, until=header.until)
+        with path.open("w", encoding="utf-8") as out:
+            summary = export_group(store, out, header, path=path, progress=ticks.append, plan=plan)
+    finally:
+        store.conn.set_trace_callback(None)
+    # A large group costs one pass over its envelopes, not four.
+    reads = [s for s in statements if "CAST(payload AS BLOB)" in s and "received_at >= " in s]
+    assert len(reads) == 1, reads
+    assert sum(ticks) == plan.total == summary.count == 7
+    assert verify_export(path).ok
 
 
 def _edit(path: Path, change: Callable[[list[str]], list[str]]) -> None:
@@ -130,6 +155,37 @@ def test_verify_names_the_problem_of_a_damaged_export(
         read_export(path)
 
 
+def _rechain(lines: list[str]) -> list[str]:
+    """The lines with the end line's chain recomputed, as a careful forger would."""
+    chain = hashlib.sha256(lines[0].encode("utf-8")).digest()
+    for line in lines[1:-1]:
+        chain = hashlib.sha256(chain + line.encode("utf-8")).digest()
+    end = json.loads(lines[-1])
+    end["chain"] = chain.hex()
+    return [*lines[:-1], json.dumps(end, sort_keys=True, separators=(",", ":"))]
+
+
+def _move_to_another_org(lines: list[str]) -> list[str]:
+    value = json.loads(lines[3])
+    value["topic"] = value["topic"].replace(f"mc/{ORG}/", "mc/other/")
+    return _rechain(
+        [*lines[:3], json.dumps(value, sort_keys=True, separators=(",", ":")), *lines[4:]]
+    )
+
+
+def test_an_export_line_that_claims_another_org_is_damaged_even_rechained(
+    store: ArchiveStore, tmp_path: Path
+) -> None:
+    path = tmp_path / "line1.jsonl"
+    _export(store, path)
+    _edit(path, _move_to_another_org)
+    assert verify_export(path).problems == [
+        f"line 4: not an envelope of {ORG}'s archive: mc/other/ops/line1 belongs to another org"
+    ]
+    with pytest.raises(ConfigError, match="line 4: not an envelope of acme's archive"):
+        read_export(path)
+
+
 def test_an_edited_chain_of_lines_shows_even_when_every_line_is_consistent(
     store: ArchiveStore, tmp_path: Path
 ) -> None:
@@ -151,16 +207,34 @@ def test_a_line_too_long_or_not_utf8_is_a_problem_not_a_crash(tmp_path: Path) ->
 
 
 def test_verify_archive_finds_edited_rows_and_sqlite_damage(store: ArchiveStore) -> None:
-    check = verify_archive(store)
+    check = verify_archive(store, org=ORG)
     assert (check.ok, check.checked) == (True, store.count())
     with sqlite3.connect(store.path) as conn:
         conn.execute("UPDATE envelopes SET chain_index = 7 WHERE id = 4")
         conn.execute("UPDATE envelopes SET payload = payload || x'00' WHERE id = 5")
         conn.execute("UPDATE envelopes SET group_path = 'ops/line2' WHERE id = 6")
         conn.execute("UPDATE envelopes SET kind = 'nonsense' WHERE id = 7")
-    problems = verify_archive(store).problems
+    problems = verify_archive(store, org=ORG).problems
     assert problems[0] == "row 4: index says 7 but the envelope says 0"
     assert problems[1].startswith("row 5: size ")
     assert problems[2] == "row 6: group says 'ops/line2' but the envelope says 'ops/line1'"
     assert problems[3].startswith("row 7: unreadable: 'nonsense' is not a valid TopicKind")
     assert len(problems) == 4
+
+
+def test_verify_archive_checks_every_row_as_the_archives_org(store: ArchiveStore) -> None:
+    with sqlite3.connect(store.path) as conn:
+        for row_id in (1, 4, 13):  # a key record, a group message, an inbox envelope
+            conn.execute(
+                "UPDATE envelopes SET topic = replace(topic, 'mc/acme/', 'mc/other/') WHERE id = ?",
+                (row_id,),
+            )
+    problems = verify_archive(store, org=ORG).problems
+    assert problems == [
+        f"row {row_id}: not an envelope of {ORG}'s archive: {topic} belongs to another org"
+        for row_id, topic in [
+            (1, "mc/other/_k/bob"),
+            (4, "mc/other/ops/line1"),
+            (13, "mc/other/_d/b1"),
+        ]
+    ]

@@ -189,6 +189,19 @@ def test_verify_checks_the_database_and_fails_on_a_damaged_row(site: Site) -> No
     assert "row 3: index says" in result.output
 
 
+def test_verify_fails_on_a_row_that_claims_another_org(site: Site) -> None:
+    with sqlite3.connect(site.data / "archive.db") as conn:
+        conn.execute(
+            "UPDATE envelopes SET topic = replace(topic, 'mc/acme/', 'mc/evil/') WHERE id = 3"
+        )
+    result = site.run("archive", "verify", code=1)
+    assert "row 3: not an envelope of acme's archive" in result.output
+    assert "belongs to another org" in result.output
+    report = site.json("archive", "verify", code=1)
+    assert isinstance(report, list)
+    assert [(check["ok"], len(check["problems"])) for check in report] == [(False, 1)]
+
+
 def test_the_compliance_report_finds_a_chain_without_a_copy(site: Site) -> None:
     clean = site.json("archive", "compliance")
     assert clean == {"ok": True, "groups": clean["groups"], "chains_checked": 1, "missing": []}  # type: ignore[index]  # a dict
@@ -245,3 +258,12 @@ def test_errors_are_one_line_and_name_what_is_wrong(tmp_path: Path) -> None:
 
 def result_code(args: tuple[str, ...]) -> int:
     return 2 if ("--since" in args or args == ("archive",)) else 1
+
+
+def test_an_empty_archive_without_a_directory_verifies_as_intact(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    ArchiveStore(data / "archive.db").close()
+    checked = Site(data, tmp_path / "none").json("archive", "verify")
+    assert isinstance(checked, list)
+    assert [(c["ok"], c["checked"]) for c in checked] == [(True, 0)]
