@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import Final
@@ -16,6 +17,7 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from meshchat.client.dispatch import LedgerOrder
+from meshchat.client.events import Message
 from meshchat.client.presence import Seen
 from meshchat.client.store import ClientStore, StoredMessage
 from meshchat.device import OrderState
@@ -26,6 +28,7 @@ __all__ = [
     "SHOWN",
     "Entry",
     "Numbers",
+    "entries_of",
     "entry_of",
     "older",
     "order_line",
@@ -115,43 +118,71 @@ def entry_of(
     store: ClientStore, group: str, topic: str, stored: StoredMessage, numbers: Numbers
 ) -> Entry:
     """The entry of a stored message, with its edits, recall, reactions and acknowledgements."""
-    kind = Kind(stored.kind)
-    entry = Entry(
-        group,
-        stored.message_id,
-        stored.sender,
-        stored.ts,
-        kind,
-        stored.body,
-        numbers.number(group, stored.message_id),
-        edited=stored.edited_at is not None,
-        recalled=stored.recalled,
-        reactions=store.reactions(topic, stored.message_id),
-    )
-    fields = _fields(stored)
-    if kind is Kind.REPLY and len(fields) > 1 and isinstance(fields[1], tuple):
-        target = (int(fields[1][0]), int(fields[1][1]))
-        original = store.message(topic, target)
-        if original is None:
-            entry.reply_to = "a message not on this device"
-        else:
-            number = numbers.number(group, target)
-            text = "(recalled)" if original.recalled else _summary(original.body)
-            entry.reply_to = f"#{number} {original.sender}: {text}"
-    elif kind is Kind.FILE and len(fields) > 1:
-        entry.body = f"file **{stored.body}** ({fields[1]} bytes)"
-    elif kind is Kind.WORKORDER and len(fields) > 1:
-        entry.body = f"work order **{stored.body}**: {fields[1]}"
-    if kind is Kind.URGENT:
-        entry.missing = store.unacknowledged(topic, stored.message_id)
+    (entry,) = entries_of(store, group, topic, [stored], numbers)
     return entry
 
 
-def _fields(stored: StoredMessage) -> tuple[object, ...]:
+def entries_of(
+    store: ClientStore,
+    group: str,
+    topic: str,
+    messages: Sequence[StoredMessage],
+    numbers: Numbers,
+) -> list[Entry]:
+    """The entries of stored messages (`entry_of`), in a few queries however many there are.
+
+    What the entries need beyond the messages themselves (reactions, what the replies reply to,
+    who has not acknowledged the urgent notices) is read for all of them at once.
+    """
+    events = [_event(group, stored) for stored in messages]
+    ids = [stored.message_id for stored in messages]
+    reactions = store.reactions_by_id(topic, ids)
+    targets = {e.target for e in events if e.kind is Kind.REPLY and e.target is not None}
+    originals = store.messages_by_id(topic, targets) if targets else {}
+    urgent = [e.message_id for e in events if e.kind is Kind.URGENT]
+    missing = store.unacknowledged_by_id(topic, urgent) if urgent else {}
+    entries = []
+    for stored, event in zip(messages, events, strict=True):
+        entry = Entry(
+            group,
+            stored.message_id,
+            stored.sender,
+            stored.ts,
+            event.kind,
+            stored.body,
+            numbers.number(group, stored.message_id),
+            edited=stored.edited_at is not None,
+            recalled=stored.recalled,
+            reactions=reactions.get(stored.message_id, {}),
+        )
+        fields, target = event.fields, event.target
+        if event.kind is Kind.REPLY and target is not None:
+            original = originals.get(target)
+            if original is None:
+                entry.reply_to = "a message not on this device"
+            else:
+                number = numbers.number(group, target)
+                text = "(recalled)" if original.recalled else _summary(original.body)
+                entry.reply_to = f"#{number} {original.sender}: {text}"
+        elif event.kind is Kind.FILE and len(fields) > 1:
+            entry.body = f"file **{stored.body}** ({fields[1]} bytes)"
+        elif event.kind is Kind.WORKORDER and len(fields) > 1:
+            entry.body = f"work order **{stored.body}**: {fields[1]}"
+        if event.kind is Kind.URGENT:
+            entry.missing = missing.get(stored.message_id)
+        entries.append(entry)
+    return entries
+
+
+def _event(group: str, stored: StoredMessage) -> Message:
+    """A stored message as the client reported it (its fields decoded again)."""
     try:
-        return decode_inner(stored.fields).fields
+        fields = decode_inner(stored.fields).fields
     except (MeshchatError, ValueError):
-        return ()
+        fields = ()
+    return Message(
+        group, stored.message_id, stored.sender, stored.device, Kind(stored.kind), stored.ts, fields
+    )
 
 
 def _summary(text: str) -> str:

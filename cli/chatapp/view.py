@@ -27,6 +27,7 @@ from cli.chatapp.model import (
     SHOWN,
     Entry,
     Numbers,
+    entries_of,
     entry_of,
     older,
     order_line,
@@ -77,8 +78,8 @@ ARCHIVE_PAGES: Final = 5
 """Pages one step back reads at most while they hold only what this device has already."""
 ARCHIVE_TIMEOUT: Final = 15.0
 """Seconds to wait for one page from the archiver."""
-_DIRECT_KINDS: Final = frozenset({Kind.WORKORDER, Kind.ORDER_STATE, Kind.TELEMETRY_KEY})
-"""Direct messages that are not chat: work orders show as orders, keys are bookkeeping."""
+_DIRECT_KINDS: Final = frozenset({Kind.WORKORDER, Kind.ORDER_STATE})
+"""Direct messages that are not chat: work orders and their answers show as orders."""
 MAX_SHOWN: Final = 500
 """Lines the message view keeps while following new messages; older ones are dropped."""
 
@@ -125,6 +126,8 @@ class ChatView(App[None]):
         self._tz = tz
         self._page = page
         self._shown: dict[tuple[int, int], MessageItem] = {}
+        self._unsent: dict[int, MessageItem] = {}
+        """Lines of our messages marked queued, by outbox id (`_mark_delivered` reads these)."""
         self._oldest: int | None = None
         self._more = True
         self._waiting: dict[str, set[tuple[int, int]]] = {}
@@ -181,6 +184,8 @@ class ChatView(App[None]):
         return self.query_one("#composer", Input)
 
     def _topic(self, group: str) -> str:
+        # Not `group_topic`, which refuses a group this user no longer follows: a line of a
+        # group just left may still be on screen.
         dept, name = group.split("/", 1)
         return GroupTopic(self.client.org, dept, name).topic
 
@@ -200,6 +205,7 @@ class ChatView(App[None]):
                 topic = self._topic(group)
                 self._waiting[group] = set(waiting_acks(self.client.store, topic, self.me))
                 item.urgent = len(self._waiting[group])
+                item.show()
                 await listed.insert(position, [item])
         if self.current not in groups:
             if groups:
@@ -226,6 +232,7 @@ class ChatView(App[None]):
             listed.index = listed.groups.index(group)
         self._title()
         self._shown.clear()
+        self._unsent.clear()
         self._oldest, self._more = None, True
         self._top = self._who = None
         view = self.view
@@ -233,10 +240,13 @@ class ChatView(App[None]):
         await self._load_older(archive=False)
         if not self._shown:
             self._fetch_older(group)  # nothing here on this device: ask the archive at once
+        topic, store = self._topic(group), self.client.store
+        unread = store.notices(topic)
+        read = store.messages_by_id(topic, [m for m, _, _ in unread]) if unread else {}
         notices = [
             Entry(group, message_id, unreadable=reason)
-            for message_id, reason, _ in self.client.store.notices(self._topic(group))
-            if not self.client.store.has_message(self._topic(group), message_id)
+            for message_id, reason, _ in unread
+            if message_id not in read
         ]
         await self._append(notices)
         view.anchor()
@@ -275,7 +285,7 @@ class ChatView(App[None]):
         found, self._more = older(
             store, topic, until_ts=self._oldest, seen=set(self._shown), want=self._page
         )
-        items = [self._item(entry_of(store, group, topic, m, self.numbers)) for m in found]
+        items = [self._item(e) for e in entries_of(store, group, topic, found, self.numbers)]
         if not self._more:
             self._top = self._item(Entry(group, None, note=self._top_text(group)))
             items.insert(0, self._top)
@@ -350,6 +360,8 @@ class ChatView(App[None]):
         item = MessageItem(entry, me=self.me, now=self._now(), tz=self._tz)
         if entry.message_id is not None:
             self._shown[entry.message_id] = item
+        if entry.outbox_id is not None:
+            self._unsent[entry.outbox_id] = item
         return item
 
     async def _append(self, entries: list[Entry]) -> None:
@@ -484,7 +496,7 @@ class ChatView(App[None]):
                     item.unread += 1
                     item.show()
             return
-        target = _target_of(event)
+        target = event.target
         if target is None:
             return
         if event.kind is Kind.ACK and event.sender == self.me:
@@ -566,11 +578,16 @@ class ChatView(App[None]):
             item.show(entry)
 
     def _mark_delivered(self) -> None:
-        """Drop the "queued" mark of our messages the broker has acknowledged."""
-        queued = {item.id for item in self.client.store.outbox()}
-        for item in self.view.items():
-            outbox_id = item.entry.outbox_id
-            if outbox_id is not None and outbox_id not in queued:
+        """Drop the "queued" mark of our messages the broker has acknowledged.
+
+        Only the lines marked queued are looked at, one outbox row each: nothing is read while
+        nothing shown waits to go out.
+        """
+        for outbox_id, item in list(self._unsent.items()):
+            if self.client.store.pending(outbox_id) and self._shows(item):
+                continue
+            del self._unsent[outbox_id]
+            if item.entry.outbox_id == outbox_id:
                 item.entry.outbox_id = None
                 item.show()
 
@@ -591,14 +608,3 @@ class ChatView(App[None]):
 
 _ABOVE: Final = -1
 """`ChatView._place`: the message belongs above what is shown; paging back shows it."""
-
-
-def _target_of(event: Message) -> tuple[int, int] | None:
-    """The message an edit, recall, reaction or acknowledgement is about."""
-    index = {Kind.EDIT: 1, Kind.REACT: 1, Kind.RECALL: 0, Kind.ACK: 0}.get(event.kind)
-    if index is None or len(event.fields) <= index:
-        return None
-    ref = event.fields[index]
-    if not isinstance(ref, tuple) or len(ref) != 2:
-        return None
-    return (int(ref[0]), int(ref[1]))

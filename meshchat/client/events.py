@@ -8,6 +8,7 @@ link, group and presence changes and work orders; `Client.fetch_history_page` re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from meshchat.client.dispatch import LedgerOrder
 from meshchat.client.values import TransportState
@@ -28,6 +29,9 @@ __all__ = [
     "Unreadable",
 ]
 
+_TARGET_FIELD: Final = {Kind.REPLY: 1, Kind.EDIT: 1, Kind.REACT: 1, Kind.RECALL: 0, Kind.ACK: 0}
+"""Where, in its fields, a kind about another message holds that message's id."""
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -47,6 +51,20 @@ class Message:
         """The message's text (empty for kinds without one)."""
         first = self.fields[0] if self.fields else ""
         return first if isinstance(first, str) else ""
+
+    @property
+    def target(self) -> tuple[int, int] | None:
+        """The (chain id, index) of the message a reply, edit, recall, reaction or ack is about.
+
+        None for the other kinds, and for fields of the wrong shape.
+        """
+        at = _TARGET_FIELD.get(self.kind)
+        if at is None or len(self.fields) <= at:
+            return None
+        match self.fields[at]:
+            case (int(chain), int(index)):
+                return (chain, index)
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,11 +16,12 @@ The file holds plaintext and keys: the profile directory is private (0700) and t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
@@ -348,6 +349,16 @@ class ClientStore:
         ).fetchone()
         return None if row is None else _message(row)
 
+    def messages_by_id(
+        self, group_topic: str, message_ids: Iterable[tuple[int, int]]
+    ) -> dict[tuple[int, int], StoredMessage]:
+        """Those of `message_ids` stored here, by id (one query, however many)."""
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE group_topic = ? AND {_AMONG}",  # noqa: S608  # fixed strings
+            (group_topic, _ids(message_ids)),
+        ).fetchall()
+        return {found.message_id: found for found in map(_message, rows)}
+
     def add_reaction(
         self, group_topic: str, target: tuple[int, int], *, user: str, emoji: str
     ) -> None:
@@ -368,6 +379,20 @@ class ClientStore:
         found: dict[str, list[str]] = {}
         for emoji, user in rows:
             found.setdefault(emoji, []).append(user)
+        return found
+
+    def reactions_by_id(
+        self, group_topic: str, targets: Iterable[tuple[int, int]]
+    ) -> dict[tuple[int, int], dict[str, list[str]]]:
+        """`reactions` of several messages in one query; those without any are left out."""
+        rows = self.db.execute(
+            f"SELECT chain_id, idx, emoji, user FROM reactions WHERE group_topic = ? AND {_AMONG} "  # noqa: S608  # fixed strings
+            "ORDER BY chain_id, idx, emoji, user",
+            (group_topic, _ids(targets)),
+        ).fetchall()
+        found: dict[tuple[int, int], dict[str, list[str]]] = {}
+        for chain_id, idx, emoji, user in rows:
+            found.setdefault((chain_id, idx), {}).setdefault(emoji, []).append(user)
         return found
 
     def add_receipt(
@@ -424,6 +449,24 @@ class ClientStore:
             ).fetchall()
         }
         return [user for user in str(row[0]).split("\n") if user and user not in acked]
+
+    def unacknowledged_by_id(
+        self, group_topic: str, targets: Iterable[tuple[int, int]]
+    ) -> dict[tuple[int, int], list[str]]:
+        """`unacknowledged` of several messages in one query; those not urgent are left out."""
+        sql = (
+            "SELECT u.chain_id, u.idx, u.expected, group_concat(a.user, char(10)) "  # noqa: S608  # fixed strings
+            "FROM urgent AS u LEFT JOIN acks AS a ON a.group_topic = u.group_topic "
+            "AND a.chain_id = u.chain_id AND a.idx = u.idx "
+            f"WHERE u.group_topic = ? AND (u.chain_id, u.idx) IN {_IDS} "
+            "GROUP BY u.chain_id, u.idx"
+        )
+        rows = self.db.execute(sql, (group_topic, _ids(targets))).fetchall()
+        found: dict[tuple[int, int], list[str]] = {}
+        for chain_id, idx, expected, acks in rows:
+            acked = set(str(acks or "").split("\n"))
+            found[chain_id, idx] = [u for u in str(expected).split("\n") if u and u not in acked]
+        return found
 
     def awaiting_ack(self, group_topic: str, user: str) -> list[tuple[int, int]]:
         """Urgent notices of a group that ask `user` to acknowledge and have no ack of theirs.
@@ -549,6 +592,14 @@ class ClientStore:
 _COLUMNS: Final = (
     "group_topic, chain_id, idx, sender, device, kind, ts, body, fields, edited_at, recalled"
 )
+_IDS: Final = "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))"
+"""The message ids of one parameter (`_ids`): any number of them, in one query."""
+_AMONG: Final = f"(chain_id, idx) IN {_IDS}"
+
+
+def _ids(message_ids: Iterable[tuple[int, int]]) -> str:
+    """Message ids as the one parameter `_IDS` reads (SQLite limits how many there may be)."""
+    return json.dumps([[int(chain_id), int(idx)] for chain_id, idx in message_ids])
 
 
 def _message(row: tuple[Any, ...]) -> StoredMessage:

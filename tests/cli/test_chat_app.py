@@ -306,6 +306,28 @@ async def test_an_urgent_notice_stands_out_until_acknowledged(
         await said(bob, "", Kind.ACK)
 
 
+async def test_an_urgent_notice_read_before_the_app_starts_is_counted_at_once(
+    site: ChatSite, stack: AsyncExitStack
+) -> None:
+    first = site.group("ops/urgent-early-a", "bob", "carol")  # opens first, not the other
+    group = site.group("ops/urgent-early-b", "bob", "carol")
+    bob = await stack.enter_async_context(Client(await site.login("bob")))
+    profile = await site.login("carol")
+    async with Client(profile) as earlier:  # carol's device, before she starts the app
+        await joined(bob, group)
+        await joined(earlier, first, group)
+        await bob.urgent(group, "conveyor 2 stopped, stay clear")
+        await said(earlier, "conveyor 2 stopped, stay clear", Kind.URGENT)
+    carol = await stack.enter_async_context(Client(profile))
+    app = ChatApp(carol)
+    async with app.run_test(size=SIZE):
+        assert app.current != group
+        item = group_item(app, group)
+        assert item.urgent == 1
+        assert "!1" in str(item.query_one(Label).content)
+        assert "! 1 to acknowledge" in str(app.query_one("#link", LinkStatus).content)
+
+
 async def test_edits_and_recalls_change_messages_in_place(
     site: ChatSite, stack: AsyncExitStack
 ) -> None:
