@@ -31,6 +31,7 @@ from meshchat.geofence import (
     check_polygon,
     remove_owntracks_key,
     set_owntracks_key,
+    site_timing,
 )
 from meshchat.timeutil import parse_duration
 
@@ -47,9 +48,7 @@ def _site_json(site: Site) -> dict[str, object]:
         "radius_m": site.radius_m,
         "polygon": [list(point) for point in site.polygon] if site.polygon else None,
         "channel": f"sites/{site.name}",
-        "dwell_s": DEFAULT_DWELL_S if site.dwell_s is None else site.dwell_s,
-        "exit_dwell_s": DEFAULT_EXIT_DWELL_S if site.exit_dwell_s is None else site.exit_dwell_s,
-        "hysteresis_m": DEFAULT_HYSTERESIS_M if site.hysteresis_m is None else site.hysteresis_m,
+        **site_timing(site),
     }
 
 

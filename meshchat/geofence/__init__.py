@@ -11,6 +11,7 @@ from meshchat.geofence.effects import (
     DirectoryView,
     WorkerFiles,
     site_rule,
+    site_timing,
 )
 from meshchat.geofence.geometry import (
     EARTH_RADIUS_M,
@@ -86,6 +87,7 @@ from meshchat.geofence.store import (
     OwnTracksDevice,
     StoredSettings,
     owntracks_devices,
+    owntracks_key_stamps,
     owntracks_keys,
     remove_owntracks_key,
     set_owntracks_key,
@@ -166,6 +168,7 @@ __all__ = [
     "encrypt_payload",
     "offset",
     "owntracks_devices",
+    "owntracks_key_stamps",
     "owntracks_keys",
     "parse_payload",
     "parse_rec_line",
@@ -175,4 +178,5 @@ __all__ = [
     "set_waypoints",
     "simulate",
     "site_rule",
+    "site_timing",
 ]

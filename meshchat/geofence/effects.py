@@ -28,15 +28,44 @@ from meshchat.geofence.rules import (
     DEFAULT_HYSTERESIS_M,
     SiteRule,
 )
-from meshchat.geofence.store import GeofenceStore, OwnTracksDevice, StoredSettings, owntracks_keys
+from meshchat.geofence.store import (
+    GeofenceStore,
+    OwnTracksDevice,
+    StoredSettings,
+    owntracks_key_stamps,
+    owntracks_keys,
+)
 from meshchat.topics import SITES_DEPARTMENT, GroupTopic, InboxTopic
 
-__all__ = ["GEOFENCE_ACTOR", "AppliedBatch", "DirectoryView", "WorkerFiles", "site_rule"]
+__all__ = [
+    "GEOFENCE_ACTOR",
+    "AppliedBatch",
+    "DirectoryView",
+    "WorkerFiles",
+    "site_rule",
+    "site_timing",
+]
 
 logger = logging.getLogger(__name__)
 
 GEOFENCE_ACTOR: Final = f"{SERVICE_PREFIX}{GEOFENCE_SERVICE}"
 """Who the audit log names for the worker's changes."""
+
+_KeySource = tuple[tuple[OwnTracksDevice, ...], tuple[tuple[int, int, int] | None, ...]]
+"""What the OwnTracks keys were read from: the devices' records and their key files' stamps."""
+
+
+def site_timing(site: Site) -> dict[str, float]:
+    """A site's dwell times and hysteresis, the defaults where none is set.
+
+    The keys are `SiteRule`'s (``dwell_s``, ``exit_dwell_s``, ``hysteresis_m``); unlike
+    `site_rule` it checks nothing, so a site the geofence leaves out can still be shown.
+    """
+    return {
+        "dwell_s": DEFAULT_DWELL_S if site.dwell_s is None else site.dwell_s,
+        "exit_dwell_s": DEFAULT_EXIT_DWELL_S if site.exit_dwell_s is None else site.exit_dwell_s,
+        "hysteresis_m": DEFAULT_HYSTERESIS_M if site.hysteresis_m is None else site.hysteresis_m,
+    }
 
 
 def site_rule(site: Site) -> SiteRule:
@@ -53,13 +82,7 @@ def site_rule(site: Site) -> SiteRule:
         shape = Circle(site.lat, site.lon, site.radius_m)
     else:
         raise ConfigError(f"site {site.name} has no shape")
-    return SiteRule(
-        site.name,
-        shape,
-        dwell_s=DEFAULT_DWELL_S if site.dwell_s is None else site.dwell_s,
-        exit_dwell_s=DEFAULT_EXIT_DWELL_S if site.exit_dwell_s is None else site.exit_dwell_s,
-        hysteresis_m=DEFAULT_HYSTERESIS_M if site.hysteresis_m is None else site.hysteresis_m,
-    )
+    return SiteRule(site.name, shape, **site_timing(site))
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +164,10 @@ class WorkerFiles:
             raise
         self.org = self.keys.org
         self.versions = (-1, -1)
+        # Times the OwnTracks key files were read (the worker's stats show it).
+        self.key_loads = 0
+        self._keys: dict[tuple[str, str], bytes] = {}
+        self._keys_read_from: _KeySource | None = None
         self._warned: set[str] = set()
 
     def close(self) -> None:
@@ -149,14 +176,17 @@ class WorkerFiles:
         self.directory.close()
 
     def changed(self) -> bool:
-        """Whether the directory or ``geofence.db`` changed since the last call."""
+        """Whether the directory or ``geofence.db`` changed since the last call.
+
+        Call it before `view` (once per poll): what `view` reads then is the baseline for the
+        next call, and a commit in between shows in it.
+        """
         versions = (self.directory.data_version(), self.store.data_version())
         changed, self.versions = versions != self.versions, versions
         return changed
 
     def view(self) -> DirectoryView:
-        """Read what the worker needs (the baseline for the next `changed`)."""
-        self.changed()  # what is read now is the baseline for the next poll
+        """Read what the worker needs (OwnTracks keys only when they may have changed)."""
         directory = self.directory
         sites = {site.name: site for site in directory.sites()}
         rules = []
@@ -179,13 +209,25 @@ class WorkerFiles:
             presence=directory.site_presence(),
             owntracks=owntracks,
             settings=self.store.settings(),
-            keys=owntracks_keys(self.data, list(owntracks)),
+            keys=self._owntracks_keys(owntracks),
             device_signing={
                 d.name: d.signing_public
                 for d in devices
                 if d.status is UserStatus.ACTIVE and d.signing_public is not None
             },
         )
+
+    def _owntracks_keys(
+        self, devices: tuple[OwnTracksDevice, ...]
+    ) -> Mapping[tuple[str, str], bytes]:
+        """The devices' keys, read again only when their records or key files changed."""
+        # The stamps before the read: a file written in between is read again next time.
+        source = (devices, owntracks_key_stamps(self.data, devices))
+        if source != self._keys_read_from:
+            self._keys = owntracks_keys(self.data, list(devices))
+            self._keys_read_from = source
+            self.key_loads += 1
+        return self._keys
 
     def reader_cert(self, now: float) -> bytes:
         """The reader key's certificate, signed by the geofence key (devices check it)."""

@@ -19,7 +19,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Self
@@ -43,6 +43,7 @@ __all__ = [
     "OwnTracksDevice",
     "StoredSettings",
     "owntracks_devices",
+    "owntracks_key_stamps",
     "owntracks_keys",
     "remove_owntracks_key",
     "set_owntracks_key",
@@ -365,6 +366,28 @@ def owntracks_devices(data: Path) -> list[OwnTracksDevice]:
     """The registered OwnTracks devices of a data directory."""
     with GeofenceStore.in_data_dir(data) as store:
         return store.owntracks_devices()
+
+
+def owntracks_key_stamps(
+    data: Path, devices: Sequence[OwnTracksDevice]
+) -> tuple[tuple[int, int, int] | None, ...]:
+    """What `owntracks_keys` would find, from the key files' metadata only (no key is read).
+
+    One (inode, modification time, size) per device with a key, None where its file is
+    missing: the stamps differ whenever a key file was written (atomically) or removed since.
+    """
+    store = _key_store(data)
+    stamps: list[tuple[int, int, int] | None] = []
+    for device in devices:
+        if not device.has_key:
+            continue
+        try:
+            found = (store.directory / _key_name(device.user, device.device)).stat()
+        except FileNotFoundError:
+            stamps.append(None)
+            continue
+        stamps.append((found.st_ino, found.st_mtime_ns, found.st_size))
+    return tuple(stamps)
 
 
 def owntracks_keys(data: Path, devices: list[OwnTracksDevice]) -> dict[tuple[str, str], bytes]:

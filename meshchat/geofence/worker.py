@@ -132,6 +132,8 @@ class WorkerStats:
     """Telemetry key shares opened (devices' gps keys)."""
     parked: int = 0
     """Fixes that arrived before their key share (they wait, bounded, in the keyring)."""
+    key_loads: int = 0
+    """Reads of the OwnTracks key files (at start, then only when their records or files change)."""
 
 
 class GeofenceWorker:
@@ -176,6 +178,7 @@ class GeofenceWorker:
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._pushed: set[tuple[str, str]] = set()
+        self._waypoints: bytes | None = None
         self._published: dict[str, bytes] = {}
         self._flushed = asyncio.Condition()
         self._flush_count = 0
@@ -227,7 +230,8 @@ class GeofenceWorker:
             files = self._files
             if self._telemetry is None:
                 self._gps = GpsIntake(files.reader)
-            view = await self._run(files.view)
+            await self._run(files.changed)  # the poller's baseline: what is read next
+            view = await self._read_view(files)
             saved = await self._run(files.store.load_subjects)
             self._install(view)
             for subject, state in saved.items():
@@ -273,10 +277,16 @@ class GeofenceWorker:
         finally:
             self._executor.shutdown(wait=False)
 
+    async def _read_view(self, files: WorkerFiles) -> DirectoryView:
+        view = await self._run(files.view)
+        self.stats.key_loads = files.key_loads
+        return view
+
     def _install(self, view: DirectoryView) -> None:
         before = self._view
         was_pushing = before is not None and self._push_enabled()
         self._view = view
+        self._waypoints = None  # the regions may have changed: built again on the next push
         self._presence = dict(view.presence)
         stored = view.settings
         chosen = self.settings
@@ -537,7 +547,7 @@ class GeofenceWorker:
             await asyncio.sleep(self.settings.poll_interval_s)
             try:
                 if await self._run(files.changed):
-                    self._install(await self._run(files.view))
+                    self._install(await self._read_view(files))
             except MeshchatError:
                 logger.exception("geofence: could not read the directory; keeping the last view")
 
@@ -564,8 +574,14 @@ class GeofenceWorker:
             )
         return regions
 
+    def _waypoints_command(self) -> bytes:
+        """The regions' ``setWaypoints`` command, built once for every phone it goes to."""
+        if self._waypoints is None:
+            self._waypoints = set_waypoints(self._regions())
+        return self._waypoints
+
     def _push(self, user: str, device: str) -> None:
-        payload = set_waypoints(self._regions())
+        payload = self._waypoints_command()
         key = self.view.keys.get((user, device))
         if key is not None:
             payload = encrypt_payload(key, payload)

@@ -35,12 +35,14 @@ from meshchat.e2ee import (
 )
 from meshchat.envelope import Signed, decode
 from meshchat.errors import PermissionDeniedError
+from meshchat.files import write_private
 from meshchat.geofence import (
     Command,
     Fix,
     GeofenceSettings,
     GeofenceStore,
     GeofenceWorker,
+    WorkerFiles,
     derive_key,
     encrypt_payload,
     offset,
@@ -284,6 +286,107 @@ async def test_turning_the_region_push_on_reaches_registered_phones_at_once(org:
             pushed = await next_on(owntracks, f"{OWNTRACKS}/cmd")
             assert pushed
             assert site.worker.stats.pushes == 1
+
+
+async def pushed_regions(transport: Transport, topic: str, key: bytes | None) -> list[str]:
+    """The region names of the next region push on `topic` (opened with `key`, if any)."""
+    command = parse_payload(await next_on(transport, topic), topic, keys=lambda _u, _d: key)
+    assert isinstance(command, Command)
+    return sorted(r.desc for r in command.regions)
+
+
+async def test_every_phone_gets_the_regions_again_when_a_site_is_added(org: Org) -> None:
+    carol_key, bob_key = derive_key("carol passphrase"), derive_key("bob passphrase")
+    with Directory.in_data_dir(org.data) as directory:
+        set_owntracks_key(org.data, directory, "root", "carol", "phone", secret="carol passphrase")
+        set_owntracks_key(org.data, directory, "root", "bob", "phone", secret="bob passphrase")
+    with GeofenceStore.in_data_dir(org.data) as store:
+        store.set_settings(push_waypoints=True)
+    async with SiteServer(DataDir(org.data), BrokerSettings(port=0)) as server:
+        site = Site(server, f"mqtt://127.0.0.1:{server.broker.listener('mqtt').port}")
+        async with (
+            site.login("carol", "carol.owntracks") as carol,
+            site.login("bob", "bob.owntracks") as bob,
+        ):
+            phones = [
+                (carol, f"{OWNTRACKS}/cmd", carol_key),
+                (bob, "owntracks/bob/phone/cmd", bob_key),
+                (carol, "owntracks/carol/tablet/cmd", None),  # a phone without a key
+            ]
+            for transport, topic, _ in phones:
+                await transport.subscribe(topic)
+            for transport, topic, key in phones[:2]:
+                assert await pushed_regions(transport, topic, key) == ["plant-3"]
+            with Directory.in_data_dir(org.data) as directory:
+                directory.add_site("root", "yard", lat=PLANT[0] + 0.01, lon=PLANT[1], radius_m=50)
+            # Each phone, sealed with its own key, gets the new regions from the same command.
+            for transport, topic, key in phones[:2]:
+                assert await pushed_regions(transport, topic, key) == ["plant-3", "yard"]
+            await carol.publish("owntracks/carol/tablet", location(500, time.time() - 60))
+            assert await pushed_regions(carol, phones[2][1], None) == ["plant-3", "yard"]
+            assert site.worker.stats.pushes == 5
+
+
+async def test_owntracks_keys_are_read_again_when_one_changes_and_only_then(
+    org: Org, site: Site
+) -> None:
+    worker = site.worker
+    assert worker.stats.key_loads == 1  # at start
+    # Changes to the directory and to geofence.db that leave the OwnTracks keys alone.
+    with Directory.in_data_dir(org.data) as directory:
+        directory.add_user("root", "dave", dept="ops", password="dave password")
+    with GeofenceStore.in_data_dir(org.data) as store:
+        store.set_settings(leave_delay_s=7)
+    async with asyncio.timeout(15):
+        await worker.wait_for(
+            lambda _: "dave" in worker.view.autojoin and worker.batcher.leave_delay == 7
+        )
+    assert worker.stats.key_loads == 1
+    now = time.time()
+    first, second = derive_key("first passphrase"), derive_key("second passphrase")
+    async with site.login("carol", "carol.owntracks") as owntracks:
+        # A key registered while the worker runs is used within a poll.
+        with Directory.in_data_dir(org.data) as directory:
+            set_owntracks_key(
+                org.data, directory, "root", "carol", "phone", secret="first passphrase"
+            )
+        async with asyncio.timeout(15):
+            await worker.wait_for(lambda stats: stats.key_loads == 2)
+        await owntracks.publish(OWNTRACKS, encrypt_payload(first, location(0, now - 100)))
+        async with asyncio.timeout(15):
+            await worker.wait_for(lambda stats: stats.fixes == 1)
+        # The phone's passphrase changed: the new key is used, the old one refused.
+        with Directory.in_data_dir(org.data) as directory:
+            set_owntracks_key(
+                org.data, directory, "root", "carol", "phone", secret="second passphrase"
+            )
+        async with asyncio.timeout(15):
+            await worker.wait_for(lambda stats: stats.key_loads == 3)
+        await owntracks.publish(OWNTRACKS, encrypt_payload(first, location(0, now - 80)))
+        await owntracks.publish(OWNTRACKS, encrypt_payload(second, location(0, now - 60)))
+        async with asyncio.timeout(15):
+            await worker.wait_for(lambda stats: stats.fixes == 2)
+        assert worker.stats.refused["bad-ciphertext"] == 1
+    assert worker.stats.key_loads == 3
+
+
+def test_a_key_file_restored_by_hand_is_read_at_the_next_directory_change(org: Org) -> None:
+    with Directory.in_data_dir(org.data) as directory:
+        set_owntracks_key(org.data, directory, "root", "carol", "phone", secret="first")
+    files = WorkerFiles(org.data)
+    try:
+        assert files.changed()
+        assert files.view().keys == {("carol", "phone"): derive_key("first")}
+        (key_file,) = (org.data / "keys" / "owntracks").iterdir()
+        write_private(key_file, derive_key("from the backup"))  # no record changes
+        with Directory.in_data_dir(org.data) as directory:
+            directory.add_user("root", "dave", dept="ops", password="dave password")
+        assert files.changed()
+        assert files.view().keys == {("carol", "phone"): derive_key("from the backup")}
+        assert not files.changed()
+        assert files.key_loads == 2
+    finally:
+        files.close()
 
 
 def decode_test_gps(topic: TelemetryTopic, payload: bytes) -> Fix | None:
