@@ -32,8 +32,7 @@ from meshchat.client._orders import WorkOrders
 from meshchat.client._receipts import MAX_RECEIPT_REFS, READ, RECEIPT_INTERVAL, Receipts
 from meshchat.client._receiving import Receiver
 from meshchat.client._saved import GROUPS_KEY as GROUPS_KEY  # noqa: PLC0414 -- re-export
-from meshchat.client._saved import INBOX_SYNCED_KEY, save_session
-from meshchat.client._saved import SESSION_KEY as SESSION_KEY  # noqa: PLC0414 -- re-export
+from meshchat.client._saved import INBOX_SYNCED_KEY, load_session, save_session
 from meshchat.client._saved import saved_groups as saved_groups  # noqa: PLC0414 -- re-export
 from meshchat.client._sending import Sender
 from meshchat.client._sending import check_may_send as check_may_send  # noqa: PLC0414 -- re-export
@@ -62,7 +61,7 @@ from meshchat.client.transport import Transport
 from meshchat.client.values import Backoff, Publication, StateChange, TransportState
 from meshchat.datadir import exclusive_lock
 from meshchat.device.orders import OrderState
-from meshchat.e2ee import DeviceSession, Inner, Kind, Roster, encode_inner
+from meshchat.e2ee import Inner, Kind, Roster, encode_inner
 from meshchat.errors import BusyError, PermissionDeniedError
 from meshchat.rpc import Request
 from meshchat.topics import InboxTopic, PresenceTopic, ServiceTopic
@@ -174,13 +173,14 @@ class Client:
         trust = profile.trust()
         self.trust = trust
         signing, box = profile.signing(), profile.box()
-        saved = self.store.get(SESSION_KEY)
-        if saved is None:
-            self.session = DeviceSession(
-                trust=trust, user=profile.user, device=profile.device, signing=signing, box=box
-            )
-        else:
-            self.session = DeviceSession.from_bytes(saved, trust=trust, signing=signing, box=box)
+        self.session = load_session(
+            self.store,
+            trust=trust,
+            user=profile.user,
+            device=profile.device,
+            signing=signing,
+            box=box,
+        )
         presence = PresenceTopic(self.org, profile.device).topic
         self.transport = Transport(
             broker or profile.broker,

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from typing import Final
 
 from meshchat.client._orders import queue_answer, queue_order
-from meshchat.client.core import SESSION_KEY, check_may_send, group_topic, saved_groups
+from meshchat.client._saved import saved_session
+from meshchat.client.core import check_may_send, group_topic, saved_groups
 from meshchat.client.dispatch import DISPATCH_FILE, DispatchLedger, LedgerOrder
 from meshchat.client.profile import DeviceProfile
 from meshchat.client.store import ClientStore
@@ -137,13 +138,11 @@ async def hand_off_answer(
 
 
 def _saved_session(profile: DeviceProfile, store: ClientStore) -> DeviceSession | None:
-    """The session the running client saved last (keys, rosters), or None before its first."""
-    saved = store.get(SESSION_KEY)
-    if saved is None:
-        return None
-    return DeviceSession.from_bytes(
-        saved, trust=profile.trust(), signing=profile.signing(), box=profile.box()
-    )
+    """The session the running client saved last (keys, rosters), or None before its first.
+
+    Read only: the running client owns the session state; nothing here writes it.
+    """
+    return saved_session(store, trust=profile.trust(), signing=profile.signing(), box=profile.box())
 
 
 async def _sent(store: ClientStore, item: int, wait: float) -> bool:

@@ -21,7 +21,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
@@ -207,8 +207,26 @@ class ClientStore:
 
     def put(self, key: str, value: bytes) -> None:
         """Store a value."""
+        self.put_many({key: value})
+
+    def put_many(self, values: Mapping[str, bytes]) -> None:
+        """Store several values in one transaction."""
         with self._write() as conn:
-            conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+            conn.executemany(
+                "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", values.items()
+            )
+
+    def get_prefixed(self, prefix: str) -> dict[str, bytes]:
+        """Every stored value whose key starts with `prefix`, by key without the prefix."""
+        rows = self.db.execute(
+            "SELECT key, value FROM state WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+        )
+        return {str(key)[len(prefix) :]: bytes(value) for key, value in rows}
+
+    def delete(self, key: str) -> None:
+        """Forget a stored value (nothing happens when there is none)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM state WHERE key = ?", (key,))
 
     # ---------------------------------------------------------------------------- outbox
 
@@ -269,19 +287,23 @@ class ClientStore:
         outgoing: list[tuple[str, bytes]],
         *,
         message_id: tuple[int, int],
-        state_key: str,
-        state: bytes,
+        state: Mapping[str, bytes],
     ) -> None:
-        """Record what a message was encrypted to, with the session state, in one transaction."""
+        """Record what a message was encrypted to, with the session state, in one transaction.
+
+        Args:
+            item_id: the outbox item.
+            outgoing: the (topic, payload) envelopes to publish.
+            message_id: the id of its group message.
+            state: key/value state to store with it (the session's changed parts).
+        """
         sealed: bytes = msgpack.packb([list(pair) for pair in outgoing], use_bin_type=True)
         with self._write() as conn:
             conn.execute(
                 "UPDATE outbox SET sealed = ?, message_id = ? WHERE id = ?",
                 (sealed, f"{message_id[0]}:{message_id[1]}", item_id),
             )
-            conn.execute(
-                "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (state_key, state)
-            )
+            self.put_many(state)
 
     def sent(self, item_id: int) -> None:
         """The broker acknowledged everything of an outbox item: forget it."""

@@ -8,6 +8,7 @@ import pytest
 
 from meshchat.client.core import Client, GroupsChanged, Message
 from meshchat.client.login import LoginRefusedError, login
+from meshchat.client.store import ClientStore
 from meshchat.e2ee import TrustError
 from meshchat.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from tests.client.conftest import FAST, PASSWORDS, Site
@@ -168,3 +169,58 @@ async def test_a_removed_member_stops_receiving_readable_messages(site: Site) ->
             await bob.send("ops/line1", "after")
             await next_message(dave, text="after")
         assert [m.body for m in carol.store.history("mc/acme/ops/line1")] == ["before"]
+
+
+async def test_the_session_is_saved_in_parts_and_an_old_single_blob_is_moved_over(
+    site: Site,
+) -> None:
+    bob_profile = await site.login("bob")
+    carol_profile = await site.login("carol")
+    # No receipts: carol's own replies would touch her own chain too.
+    async with (
+        Client(bob_profile, send_receipts=False) as bob,
+        Client(carol_profile, send_receipts=False) as carol,
+    ):
+        await bob.send("ops/line1", "first")
+        await next_message(carol, text="first")
+        # One message on a chain carol holds already: she saves the core and that chain.
+        written: list[str] = []
+        carol.store.db.conn.set_trace_callback(written.append)
+        await bob.send("ops/line1", "second")
+        await next_message(carol, text="second")
+        carol.store.db.conn.set_trace_callback(None)
+        saved = [s for s in written if "INSERT OR REPLACE INTO state" in s]
+        assert saved, written
+        assert {key for s in saved for key in _state_keys(s)} == {
+            "session/core",
+            f"session/chain:mc/acme/ops/line1:{_chain_of(carol)}",
+        }
+        whole = carol.session.to_bytes()
+    # A store written by an older meshchat holds the session as one blob: it is moved over.
+    with ClientStore(carol_profile.store_path) as store, store.transaction():
+        for key in store.get_prefixed("session/"):
+            store.delete(f"session/{key}")
+        store.put("session", whole)
+    async with Client(carol_profile) as carol:
+        assert carol.session.to_bytes() == whole
+        assert carol.store.get("session") is None
+        assert "core" in carol.store.get_prefixed("session/")
+        async with Client(bob_profile) as bob:
+            await bob.send("ops/line1", "third")
+            await next_message(carol, text="third")
+    async with Client(carol_profile) as carol:
+        assert [m.body for m in carol.store.history("mc/acme/ops/line1")] == [
+            "first",
+            "second",
+            "third",
+        ]
+
+
+def _state_keys(statement: str) -> list[str]:
+    """The keys an expanded ``INSERT OR REPLACE INTO state`` statement writes."""
+    return [part.split("'")[1] for part in statement.split("VALUES (")[1:]]
+
+
+def _chain_of(client: Client) -> int:
+    (message,) = [m for m in client.store.history("mc/acme/ops/line1") if m.body == "second"]
+    return message.message_id[0]

@@ -54,8 +54,7 @@ def test_a_queued_message_survives_a_crash_and_goes_out_in_order(tmp_path: Path)
         first,
         [("mc/acme/_d/bob-phone", b"dist"), (G1, b"envelope-one")],
         message_id=(9, 0),
-        state_key="session",
-        state=b"after one",
+        state={"session/core": b"after one", "session/chain:x": b"chain"},
     )
     store.db.conn.close()  # the process dies here: nothing was acknowledged
     reopened = ClientStore(path)
@@ -64,7 +63,8 @@ def test_a_queued_message_survives_a_crash_and_goes_out_in_order(tmp_path: Path)
     assert items[0].sealed == (("mc/acme/_d/bob-phone", b"dist"), (G1, b"envelope-one"))
     assert items[1].sealed is None
     assert items[1].inner == b"two"
-    assert reopened.get("session") == b"after one"  # sealed together with the outbox row
+    # sealed together with the outbox row
+    assert reopened.get_prefixed("session/") == {"core": b"after one", "chain:x": b"chain"}
     assert reopened.queued == 2
     reopened.sent(first)
     assert [item.inner for item in reopened.outbox()] == [b"two"]
