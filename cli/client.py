@@ -319,31 +319,25 @@ def _clock(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M")
 
 
-def _ref_text(value: object) -> str:
-    match value:
-        case (int(chain), int(index)) | [int(chain), int(index)]:
-            return f"{chain}:{index}"
-    return "?"
-
-
 def _describe(event: Message) -> str | None:  # noqa: PLR0911  # one per kind
     """What follows the sender on a `tail` line; None for what is not worth a line (receipts)."""
-    fields = event.fields
+    target = event.target
+    ref = "?" if target is None else f"{target[0]}:{target[1]}"
     match event.kind:
         case Kind.URGENT:
             return f" [bold red]URGENT[/]: {escape(event.text)}"
         case Kind.RECEIPT | Kind.TELEMETRY_KEY:
             return None
-        case Kind.REPLY if len(fields) > 1:
-            return f" [dim](reply to {_ref_text(fields[1])})[/]: {escape(event.text)}"
-        case Kind.EDIT if len(fields) > 1:
-            return f" [dim]edited {_ref_text(fields[1])}:[/] {escape(event.text)}"
-        case Kind.RECALL if fields:
-            return f" [dim]recalled {_ref_text(fields[0])}[/]"
-        case Kind.REACT if len(fields) > 1:
-            return f" [dim]reacted {escape(event.text)} to {_ref_text(fields[1])}[/]"
-        case Kind.ACK if fields:
-            return f" [dim]acknowledged {_ref_text(fields[0])}[/]"
+        case Kind.REPLY:
+            return f" [dim](reply to {ref})[/]: {escape(event.text)}"
+        case Kind.EDIT:
+            return f" [dim]edited {ref}:[/] {escape(event.text)}"
+        case Kind.RECALL:
+            return f" [dim]recalled {ref}[/]"
+        case Kind.REACT:
+            return f" [dim]reacted {escape(event.text)} to {ref}[/]"
+        case Kind.ACK:
+            return f" [dim]acknowledged {ref}[/]"
     return f": {escape(event.text)}"
 
 
