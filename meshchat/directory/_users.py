@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from meshchat.directory import rbac
@@ -153,6 +155,20 @@ class UsersMixin(DirectoryCore):
             args.append(UserStatus.ACTIVE.value)
         rows = self.db.table("users").rows_where(" AND ".join(where) or None, args, order_by="name")
         return [self._to_user(row) for row in rows]
+
+    def users_named(self, names: Iterable[str], *, include_revoked: bool = False) -> list[User]:
+        """The users of those `names` that exist (active ones only by default), by name.
+
+        One query however many names: a group's roster reads its members' accounts only.
+        """
+        sql = "SELECT * FROM users WHERE name IN (SELECT value FROM json_each(?))"
+        args: list[Any] = [json.dumps(sorted(names))]
+        if not include_revoked:
+            sql += " AND status = ?"
+            args.append(UserStatus.ACTIVE.value)
+        cursor = self.db.conn.execute(sql + " ORDER BY name", args)
+        columns = [c[0] for c in cursor.description]
+        return [self._to_user(dict(zip(columns, row, strict=True))) for row in cursor.fetchall()]
 
     def _actor(self, name: str) -> User:
         try:

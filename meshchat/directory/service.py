@@ -136,13 +136,17 @@ class DirectoryResponder:
                 wanted[KeyTopic(self.org, user.name).topic] = encode(
                     self.keys.key_record(self.directory, user.name)
                 )
+        groups = [group for group in self.directory.groups() if not group.expired(now)]
+        groups_of: dict[str, list[str]] = {}
+        for group in groups:
+            for member in group.members:
+                groups_of.setdefault(member, []).append(group.path)
         for user in self.directory.users():
             # Each user's groups, retained on their reply topic: clients follow changes live.
             reply_to = ServiceTopic(self.org, DIRECTORY_SERVICE, user.name, reply=True).topic
-            wanted[reply_to] = Reply(PUSH_ID, ok=True, value=self._groups(user.name)).encode()
-        for group in self.directory.groups():
-            if group.expired(now):
-                continue
+            mine = sorted(groups_of.get(user.name, []))
+            wanted[reply_to] = Reply(PUSH_ID, ok=True, value=mine).encode()
+        for group in groups:
             topic = GroupTopic(self.org, group.dept, group.name).roster.topic
             # Site channels carry the geofence worker's signature, the same bytes it publishes.
             signer: RosterSigner = (

@@ -523,7 +523,7 @@ class OrgKeys:
         key, signer_name = self._roster_key(topic, signer)
         with directory.transaction():
             found = directory.group(group)
-            accounts = {user.name: user for user in directory.users()}
+            accounts = {user.name: user for user in directory.users_named(found.members)}
             members = tuple(sorted(found.members & set(accounts)))
             announcers = tuple(m for m in members if may_announce(accounts[m], found))
             state = directory.roster_state(group)

@@ -245,3 +245,19 @@ def test_broker_credentials_verify_with_mosquittos_algorithm(directory: Director
         assert base64.b64decode(digest) == expected
     directory.remove_user("root", "carol")
     assert "carol" not in directory.broker_credentials()
+
+
+def test_users_named_reads_only_those_accounts_and_leaves_out_the_revoked(
+    directory: Directory,
+) -> None:
+    directory.remove_user("root", "dave")
+    assert [u.name for u in directory.users_named(["carol", "dave", "nobody", "bob"])] == [
+        "bob",
+        "carol",
+    ]
+    everyone = directory.users_named(["carol", "dave"], include_revoked=True)
+    assert [(u.name, u.status.value) for u in everyone] == [
+        ("carol", "active"),
+        ("dave", "revoked"),
+    ]
+    assert directory.users_named([]) == []
