@@ -17,7 +17,7 @@ from typing import Final
 from meshchat.client._membership import group_path
 from meshchat.client._orders import WorkOrders
 from meshchat.client._receipts import Receipts
-from meshchat.client._saved import save_session
+from meshchat.client._saved import saving
 from meshchat.client._services import Services
 from meshchat.client._shared import Shared
 from meshchat.client._watching import Watching
@@ -141,10 +141,9 @@ class Receiver:
 
     def apply(self, step: Step) -> None:
         """Keep what a step produced with the session state (one commit), then publish."""
-        with self._store.transaction():
+        with saving(self._store, self._session):
             for event in step.events:
                 self._record(event)
-            save_session(self._store, self._session)
         for item in step.outgoing:
             self._transport.publish_nowait(item.topic, item.payload, retain=item.retain)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 from meshchat.client.store import ClientStore
@@ -29,25 +30,33 @@ def save_groups(store: ClientStore, groups: Iterable[str]) -> None:
     store.put(GROUPS_KEY, "\n".join(sorted(groups)).encode("utf-8"))
 
 
-def session_changes(session: DeviceSession) -> dict[str, bytes]:
-    """The session's changed parts, keyed as the store keeps them.
+@contextlib.contextmanager
+def saving(store: ClientStore, session: DeviceSession) -> Iterator[None]:
+    """One transaction for what the block writes, ending with what changed in the session.
 
-    Store them all, or call `session.mark_all_changed()`: the next save would miss them.
-    """
-    return {SESSION_PREFIX + name: part for name, part in session.take_changes().items()}
-
-
-def save_session(store: ClientStore, session: DeviceSession) -> None:
-    """Save what changed in the device session's state (chains, rosters, key records).
-
-    The state is kept in parts (`DeviceSession.take_changes`), so a step that read one message
-    writes the small core and that message's chain, however many chains the device holds.
+    The session is kept in parts (`DeviceSession.take_changes`), so a step that read one
+    message writes the small core and that message's chain, however many chains the device
+    holds. If anything fails, the commit included, the next save writes the whole state: the
+    parts this one would have written are not lost.
     """
     try:
-        store.put_many(session_changes(session))
+        with store.transaction():
+            yield
+            changes = session.take_changes()
+            if changes.whole:
+                store.delete_prefixed(SESSION_PREFIX)  # parts of chains retired since
+            for name in changes.deleted:
+                store.delete(SESSION_PREFIX + name)
+            store.put_many({SESSION_PREFIX + name: part for name, part in changes.parts.items()})
     except BaseException:
         session.mark_all_changed()
         raise
+
+
+def save_session(store: ClientStore, session: DeviceSession) -> None:
+    """Save what changed in the device session's state (chains, rosters, key records)."""
+    with saving(store, session):
+        pass
 
 
 def saved_session(
@@ -58,13 +67,15 @@ def saved_session(
     Raises:
         E2EEError: the saved state is corrupt.
     """
+    # The old blob first: the migration writes the parts, then drops it, in one transaction,
+    # so a reader beside it finds one or the other.
+    blob = store.get(SESSION_KEY)
+    if blob is not None:
+        return DeviceSession.from_bytes(blob, trust=trust, signing=signing, box=box)
     parts = store.get_prefixed(SESSION_PREFIX)
     if parts:
         return DeviceSession.from_parts(parts, trust=trust, signing=signing, box=box)
-    blob = store.get(SESSION_KEY)
-    if blob is None:
-        return None
-    return DeviceSession.from_bytes(blob, trust=trust, signing=signing, box=box)
+    return None
 
 
 def load_session(
@@ -87,8 +98,7 @@ def load_session(
     session = saved_session(store, trust=trust, signing=signing, box=box)
     if session is None:
         return DeviceSession(trust=trust, user=user, device=device, signing=signing, box=box)
-    if store.get(SESSION_KEY) is not None:
-        with store.transaction():
-            save_session(store, session)
+    if store.get(SESSION_KEY) is not None:  # from_bytes: every part counts as changed
+        with saving(store, session):
             store.delete(SESSION_KEY)
     return session

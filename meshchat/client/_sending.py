@@ -8,7 +8,7 @@ import logging
 
 from meshchat.client._membership import group_path
 from meshchat.client._receiving import Receiver
-from meshchat.client._saved import session_changes
+from meshchat.client._saved import saving
 from meshchat.client._shared import Shared
 from meshchat.client.events import LinkChanged
 from meshchat.e2ee import DeviceSession
@@ -119,13 +119,8 @@ class Sender:
         pairs = tuple((item.topic, item.payload) for item in outgoing)
         last = outgoing[-1].payload
         message_id = _message_id(last)
-        try:
-            self._store.seal(
-                item_id, list(pairs), message_id=message_id, state=session_changes(self._session)
-            )
-        except BaseException:
-            self._session.mark_all_changed()
-            raise
+        with saving(self._store, self._session):  # the chain state goes with the sealed row
+            self._store.seal(item_id, list(pairs), message_id=message_id)
         # Keep our own message at once (it also comes back from the broker, deduplicated).
         self._receiver.apply(self._session.on_group_message(group_topic, last))
         return pairs

@@ -193,10 +193,13 @@ class ClientStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # Also after a failed COMMIT, which leaves the transaction open (then "no
+            # transaction is active" is the only way ROLLBACK fails).
+            with contextlib.suppress(sqlite3.OperationalError):
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     # ------------------------------------------------------------------------ key/value state
 
@@ -222,6 +225,11 @@ class ClientStore:
             "SELECT key, value FROM state WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
         )
         return {str(key)[len(prefix) :]: bytes(value) for key, value in rows}
+
+    def delete_prefixed(self, prefix: str) -> None:
+        """Forget every stored value whose key starts with `prefix`."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM state WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))
 
     def delete(self, key: str) -> None:
         """Forget a stored value (nothing happens when there is none)."""
@@ -287,15 +295,10 @@ class ClientStore:
         outgoing: list[tuple[str, bytes]],
         *,
         message_id: tuple[int, int],
-        state: Mapping[str, bytes],
     ) -> None:
-        """Record what a message was encrypted to, with the session state, in one transaction.
+        """Record what a message was encrypted to.
 
-        Args:
-            item_id: the outbox item.
-            outgoing: the (topic, payload) envelopes to publish.
-            message_id: the id of its group message.
-            state: key/value state to store with it (the session's changed parts).
+        Call it inside `transaction()` with the session's state, so both or neither are kept.
         """
         sealed: bytes = msgpack.packb([list(pair) for pair in outgoing], use_bin_type=True)
         with self._write() as conn:
@@ -303,7 +306,6 @@ class ClientStore:
                 "UPDATE outbox SET sealed = ?, message_id = ? WHERE id = ?",
                 (sealed, f"{message_id[0]}:{message_id[1]}", item_id),
             )
-            self.put_many(state)
 
     def sent(self, item_id: int) -> None:
         """The broker acknowledged everything of an outbox item: forget it."""

@@ -69,6 +69,7 @@ __all__ = [
     "Outgoing",
     "Refused",
     "ReplayAlarm",
+    "SessionChanges",
     "Step",
     "Undecryptable",
     "Waiting",
@@ -83,6 +84,21 @@ MAX_PENDING_INBOX: Final = 1000
 MAX_SENT_CHAINS: Final = 64
 """Own retired chains per group kept to answer key requests."""
 MAX_ANSWERED: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class SessionChanges:
+    """What to save of a session's state (`DeviceSession.take_changes`).
+
+    Attributes:
+        parts: the parts to write, by name.
+        deleted: the names of saved parts to remove (own chains retired).
+        whole: `parts` is the whole state: any other part saved before is stale; remove it.
+    """
+
+    parts: dict[str, bytes]
+    deleted: frozenset[str]
+    whole: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +240,8 @@ class DeviceSession:
         self._all_changed = True
         self._changed: set[str] = set()
         self._changed_chains: set[tuple[str, int]] = set()
+        self._changed_sent: set[tuple[str, int]] = set()
+        self._deleted: set[str] = set()
 
     # ---------------------------------------------------------------- inputs: rosters, records
 
@@ -280,6 +298,8 @@ class DeviceSession:
         except (KeyRecordError, EnvelopeError) as exc:
             step.events.append(Refused(f"key record of {user}", str(exc)))
             return step
+        if before == record:
+            return step  # the retained record again (every reconnect): nothing changed
         self._changed.add(RECORDS_PART)
         old = {d.name: d for d in before.devices} if before else {}
         new = {d.name: d for d in record.devices}
@@ -331,6 +351,7 @@ class DeviceSession:
             chain = self._new_chain(group_topic, now, outgoing)
         envelope = chain.encrypt(group_topic, encode_inner(inner))
         self._sent[(group_topic, chain.chain_id)].sent_at.append(int(now))
+        self._changed_sent.add((group_topic, chain.chain_id))
         outgoing.append(Outgoing(group_topic, encode(envelope)))
         return outgoing
 
@@ -346,6 +367,7 @@ class DeviceSession:
         self._sent[(group_topic, chain.chain_id)] = SentChain(
             group_topic, chain.chain_id, share.verify_key, share.chain_key
         )
+        self._changed_sent.add((group_topic, chain.chain_id))
         self._retire_old_chains(group_topic)
         # Own messages come back on the subscription: read them like anyone's.
         self._inbound[(group_topic, chain.chain_id)] = InboundChain.from_share(
@@ -368,6 +390,8 @@ class DeviceSession:
         mine = [key for key in self._sent if key[0] == group_topic]
         for key in mine[:-MAX_SENT_CHAINS]:
             del self._sent[key]
+            self._changed_sent.discard(key)
+            self._deleted.add(sent_part(*key))
 
     def _distribute(
         self, group_topic: str, share: ChainShare, devices: Iterable[DeviceKeys]
@@ -426,9 +450,11 @@ class DeviceSession:
             self._wait(group_topic, envelope, payload, history)
             step.events.append(Waiting(group_topic, message_id))
             return step
-        self._changed_chains.add((group_topic, envelope.chain_id))
         try:
-            inner = decode_inner(chain.decrypt(group_topic, envelope, history=history))
+            plaintext = chain.decrypt(group_topic, envelope, history=history)
+            # Read: the chain moved on (a refused message leaves it as it was).
+            self._changed_chains.add((group_topic, envelope.chain_id))
+            inner = decode_inner(plaintext)
         except DuplicateMessageError:
             return step
         except ReplayError:
@@ -786,45 +812,54 @@ class DeviceSession:
         Outbound chains are saved only as what answers key requests: a restored session
         always starts a new chain before it sends, so no index is ever used twice.
         """
-        chains = [self._chain_state(key, chain) for key, chain in self._inbound.items()]
         return _pack(
             _full_state(
                 [_PARTS_VERSION, self.user, self.device, *self._core_state()],
                 self._records_state(),
                 self._rosters_state(),
-                chains,
+                [_sent_state(sent) for sent in self._sent.values()],
+                [self._chain_state(key, chain) for key, chain in self._inbound.items()],
             )
         )
 
-    def take_changes(self) -> dict[str, bytes]:
-        """The parts of the state that changed since the last call, to save (`from_parts`).
+    def take_changes(self) -> SessionChanges:
+        """What changed in the state since the last call, to save (`from_parts`).
 
         A long-running client saves after every step. The whole state grows with every chain
-        it ever read (each keeps its seen set), so it saves in parts instead: the small core
-        always, key records and rosters when they changed, and only the chains a step touched.
-        The first call after creating a session or `from_bytes` returns every part. Part names
-        are ``core``, ``records``, ``rosters`` and ``chain:GROUP:CHAIN_ID``.
+        it ever read (each keeps its seen set) and every chain it sent on (each keeps its send
+        times), so it saves in parts instead: the small core always, key records and rosters
+        when they changed, and only the chains a step touched. The first call after creating a
+        session or `from_bytes`, and the first after `mark_all_changed`, returns the whole
+        state. Part names are ``core``, ``records``, ``rosters``, ``chain:GROUP:CHAIN_ID``
+        (chains read) and ``sent:GROUP:CHAIN_ID`` (own chains, kept to answer key requests).
 
-        If saving the parts fails, call `mark_all_changed` so the next save writes them all.
+        If saving the changes fails, call `mark_all_changed` so the next save is whole.
         """
+        whole = self._all_changed
         core = [_PARTS_VERSION, self.user, self.device, *self._core_state()]
         parts: dict[str, bytes] = {CORE_PART: _pack(core)}
-        if self._all_changed or RECORDS_PART in self._changed:
+        if whole or RECORDS_PART in self._changed:
             parts[RECORDS_PART] = _pack(self._records_state())
-        if self._all_changed or ROSTERS_PART in self._changed:
+        if whole or ROSTERS_PART in self._changed:
             parts[ROSTERS_PART] = _pack(self._rosters_state())
-        chains = self._inbound if self._all_changed else self._changed_chains
-        for key in chains:
+        for key in self._inbound if whole else self._changed_chains:
             chain = self._inbound.get(key)
             if chain is not None:
                 parts[chain_part(*key)] = _pack(self._chain_state(key, chain))
+        for key in self._sent if whole else self._changed_sent:
+            sent = self._sent.get(key)
+            if sent is not None:
+                parts[sent_part(*key)] = _pack(_sent_state(sent))
+        changes = SessionChanges(parts, frozenset(() if whole else self._deleted), whole=whole)
         self._all_changed = False
         self._changed.clear()
         self._changed_chains.clear()
-        return parts
+        self._changed_sent.clear()
+        self._deleted.clear()
+        return changes
 
     def mark_all_changed(self) -> None:
-        """Make the next `take_changes` return every part (after a save that failed)."""
+        """Make the next `take_changes` return the whole state (after a save that failed)."""
         self._all_changed = True
 
     def _records_state(self) -> list[object]:
@@ -840,13 +875,9 @@ class DeviceSession:
         ]
 
     def _core_state(self) -> list[object]:
-        """Rotate, sent, pending, pending inbox, requested, revoked: small, saved every time."""
+        """Rotate, pending, pending inbox, requested, revoked: small, saved every time."""
         return [
             sorted(self._rotate),
-            [
-                [s.group_topic, s.chain_id, s.verify_key, s.start_key, s.sent_at]
-                for s in self._sent.values()
-            ],
             [
                 [g, c, i, payload, history]
                 for (g, c, i), (payload, history) in self._pending.items()
@@ -913,10 +944,9 @@ class DeviceSession:
             raise E2EEError(msg)
         records = _unpack_state(parts.get(RECORDS_PART, _EMPTY_PAIR))
         rosters = _unpack_state(parts.get(ROSTERS_PART, _EMPTY_PAIR))
-        chains = [
-            _unpack_state(value) for name, value in parts.items() if name.startswith(_CHAIN_PREFIX)
-        ]
-        state = _full_state(core, records, rosters, chains)
+        chains = [_unpack_state(v) for n, v in parts.items() if n.startswith(_CHAIN_PREFIX)]
+        sent = [_unpack_state(v) for n, v in parts.items() if n.startswith(_SENT_PREFIX)]
+        state = _full_state(core, records, rosters, sent, chains)
         return cls._from_state(state, trust=trust, signing=signing, box=box, changed=False)
 
     @classmethod
@@ -1000,7 +1030,13 @@ CORE_PART: Final = "core"
 RECORDS_PART: Final = "records"
 ROSTERS_PART: Final = "rosters"
 _CHAIN_PREFIX: Final = "chain:"
+_SENT_PREFIX: Final = "sent:"
 _EMPTY_PAIR: Final = b"\x92\x90\x90"  # msgpack [[], []]
+
+
+def sent_part(group_topic: str, chain_id: int) -> str:
+    """The name of the saved part holding one of this device's own chains (send times)."""
+    return f"{_SENT_PREFIX}{group_topic}:{chain_id}"
 
 
 def chain_part(group_topic: str, chain_id: int) -> str:
@@ -1008,7 +1044,9 @@ def chain_part(group_topic: str, chain_id: int) -> str:
     return f"{_CHAIN_PREFIX}{group_topic}:{chain_id}"
 
 
-def _full_state(core: object, records: object, rosters: object, chains: list[Any]) -> list[Any]:
+def _full_state(
+    core: object, records: object, rosters: object, sent: list[Any], chains: list[Any]
+) -> list[Any]:
     """The `to_bytes` layout from the parts.
 
     That is: version, user, device, pins, records, rosters, since, rotate, sent, chains,
@@ -1019,15 +1057,19 @@ def _full_state(core: object, records: object, rosters: object, chains: list[Any
     """
     if not (
         isinstance(core, list)
-        and len(core) == 9
+        and len(core) == 8
         and isinstance(records, list)
         and len(records) == 2
         and isinstance(rosters, list)
         and len(rosters) == 2
     ):
         raise E2EEError("the saved session state is corrupt: a part has the wrong layout")
-    _version, user, device, rotate, sent, *after = core
+    _version, user, device, rotate, *after = core
     return [_STATE_VERSION, user, device, *records, *rosters, rotate, sent, chains, *after]
+
+
+def _sent_state(sent: SentChain) -> list[object]:
+    return [sent.group_topic, sent.chain_id, sent.verify_key, sent.start_key, sent.sent_at]
 
 
 def _pack(value: object) -> bytes:

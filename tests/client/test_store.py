@@ -50,12 +50,11 @@ def test_a_queued_message_survives_a_crash_and_goes_out_in_order(tmp_path: Path)
     store = ClientStore(path)
     first = store.enqueue(G1, b"one")
     second = store.enqueue(G1, b"two")
-    store.seal(
-        first,
-        [("mc/acme/_d/bob-phone", b"dist"), (G1, b"envelope-one")],
-        message_id=(9, 0),
-        state={"session/core": b"after one", "session/chain:x": b"chain"},
-    )
+    with store.transaction():
+        store.seal(
+            first, [("mc/acme/_d/bob-phone", b"dist"), (G1, b"envelope-one")], message_id=(9, 0)
+        )
+        store.put_many({"session/core": b"after one", "session/chain:x": b"chain"})
     store.db.conn.close()  # the process dies here: nothing was acknowledged
     reopened = ClientStore(path)
     items = reopened.outbox()

@@ -32,7 +32,7 @@ from meshchat.e2ee import (
     sign_roster,
 )
 from meshchat.e2ee.chain import advance
-from meshchat.e2ee.session import chain_part
+from meshchat.e2ee.session import MAX_SENT_CHAINS, chain_part, sent_part
 from meshchat.envelope import Distribution, GroupMessage, Sealed, Signed, decode, encode
 from meshchat.errors import DecryptError, E2EEError
 from meshchat.topics import InboxTopic, parse_topic
@@ -503,32 +503,73 @@ def test_a_directory_rebinding_an_identity_is_reported_and_its_devices_get_nothi
 def test_saving_in_parts_writes_only_what_a_step_touched_and_restores_the_same_session(
     net: Net, org: Org
 ) -> None:
-    b1 = net.sessions["b1"]
-    saved = b1.take_changes()  # the first save: everything
-    assert {"core", "records", "rosters"} <= set(saved)
+    b1, a1 = net.sessions["b1"], net.sessions["a1"]
+    first = b1.take_changes()  # the first save: everything
+    assert first.whole
+    assert {"core", "records", "rosters"} <= set(first.parts)
+    saved = dict(first.parts)
+    mine = dict(a1.take_changes().parts)
     for round_ in range(3):  # three chains of alice's: a policy change rotates each time
         net.send("a1", LINE1, f"round {round_}")
         net.broadcast_roster(LINE1, "alice", "bob", policy=round_ + 1)
-        saved.update(b1.take_changes())
-    chains = {name for name in saved if name.startswith("chain:")}
-    assert len(chains) == 3
+        saved.update(b1.take_changes().parts)
+        mine.update(a1.take_changes().parts)
+    assert len([name for name in saved if name.startswith("chain:")]) == 3
+    assert len([name for name in mine if name.startswith("sent:")]) == 3
     sent = net.send("a1", LINE1, "one more")
+    chain_id = decode_id(sent.payload)[0]
     changed = b1.take_changes()
-    # One message touched one chain: the core and that chain are saved, nothing else.
-    assert set(changed) == {"core", chain_part(LINE1, decode_id(sent.payload)[0])}
-    saved.update(changed)
+    # One message read on one chain: the core and that chain are saved, nothing else.
+    assert not changed.whole
+    assert set(changed.parts) == {"core", chain_part(LINE1, chain_id)}
+    assert changed.deleted == frozenset()
+    # The sender saves the core, its own copy of the chain and that chain's send times.
+    assert set(a1.take_changes().parts) == {
+        "core",
+        chain_part(LINE1, chain_id),
+        sent_part(LINE1, chain_id),
+    }
+    saved.update(changed.parts)
     b1_device = org.devices["bob"][0]
     restored = DeviceSession.from_parts(
         saved, trust=org.trust, signing=b1_device.signing, box=b1_device.box
     )
     assert restored.to_bytes() == b1.to_bytes()
-    assert set(restored.take_changes()) == {"core"}  # a restored session has nothing new
+    assert set(restored.take_changes().parts) == {"core"}  # restored: nothing new
     # The redelivered message is known to the restored session: a duplicate, not a new read.
     assert restored.on_group_message(LINE1, sent.payload).events == []
+    # Every reconnect brings the retained key records again: that changes nothing.
+    records = {user: org.record(user) for user in org.devices}
+    for user, record in records.items():
+        restored.on_key_record(user, record)
+    assert "records" in restored.take_changes().parts
+    for user, record in records.items():
+        restored.on_key_record(user, record)
+    assert set(restored.take_changes().parts) == {"core"}
+
+
+def test_retired_own_chains_are_deleted_from_the_saved_parts(net: Net) -> None:
+    a1 = net.sessions["a1"]
+    a1.take_changes()
+    net.broadcast_roster(LINE1, "alice", "bob", expires_at=NOW + 30 * DAY)
+    first = None
+    for policy in range(MAX_SENT_CHAINS + 1):
+        net.send("a1", LINE1, f"chain {policy}")
+        if first is None:
+            first = decode_id(net.published[-1].payload)[0]
+        net.broadcast_roster(LINE1, "alice", "bob", policy=policy + 1, expires_at=NOW + 30 * DAY)
+    net.send("a1", LINE1, "one chain too many")
+    assert first is not None
+    changes = a1.take_changes()
+    assert sent_part(LINE1, first) in changes.deleted
+    a1.mark_all_changed()
+    whole = a1.take_changes()
+    assert whole.whole  # the client then drops every other saved part
+    assert len([name for name in whole.parts if name.startswith("sent:")]) == MAX_SENT_CHAINS
 
 
 def test_a_session_saved_in_parts_refuses_missing_or_damaged_parts(net: Net, org: Org) -> None:
-    parts = net.sessions["b1"].take_changes()
+    parts = net.sessions["b1"].take_changes().parts
     b1_device = org.devices["bob"][0]
 
     def restore(changed: dict[str, bytes]) -> DeviceSession:
