@@ -202,7 +202,13 @@ class DispatchLedger:
         return order
 
     def move(self, order_id: str, state: OrderState, reason: str, ts: int) -> LedgerOrder | None:
-        """Apply an answer; None when the order is unknown or cannot move there."""
+        """Apply an answer; None when the order is unknown or cannot move there.
+
+        Two processes may move one order at once (`dispatch answer` beside a running client
+        that files the device's own answer): the row changes only if it is still in the state
+        this call read, so the second of two conflicting moves is refused, not applied over the
+        first.
+        """
         order = self.order(order_id)
         if order is None or not may_move(order.state, state):
             return None
@@ -212,10 +218,13 @@ class DispatchLedger:
             OrderState.REJECTED: "rejected_at",
         }[state]
         with self._lock:
-            self.db.execute(
-                f"UPDATE orders SET state = ?, reason = ?, {column} = ?, updated_at = ? WHERE id = ?",  # noqa: S608, E501  # the column comes from the table above
-                (state.value, reason, ts, ts, order_id),
+            cursor = self.db.execute(
+                f"UPDATE orders SET state = ?, reason = ?, {column} = ?, updated_at = ? "  # noqa: S608  # the column comes from the table above
+                "WHERE id = ? AND state = ?",
+                (state.value, reason, ts, ts, order_id, order.state.value),
             )
+        if cursor.rowcount == 0:
+            return self.move(order_id, state, reason, ts)  # it moved meanwhile: decide again
         return self.order(order_id)
 
     def take(self, event: Direct, *, me: str) -> LedgerOrder | None:

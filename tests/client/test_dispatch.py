@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from meshchat.client.dispatch import DispatchLedger
+from meshchat.client.dispatch import DispatchLedger, LedgerOrder
 from meshchat.device.orders import OrderState, order_inner, state_inner
 from meshchat.e2ee import Direct, Inner, Kind
 
@@ -97,3 +97,30 @@ def test_malformed_messages_change_nothing(ledger: DispatchLedger) -> None:
     bad = Direct("van-1", "van-1", Inner(Kind.ORDER_STATE, NOW, ("wo-6", "finished", "")))
     assert ledger.take(bad, me="bob") is None
     assert ledger.orders() == []
+
+
+def test_two_processes_answering_at_once_never_overwrite_each_other(
+    ledger: DispatchLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # carol's running client and her `dispatch answer` share the ledger file.
+    order = Direct("bob", "bob-laptop", order_inner("wo-7", "check pallet 9", ts=NOW))
+    assert ledger.take(order, me="carol") is not None
+    other = DispatchLedger(ledger.path)
+    read = ledger.order
+
+    def read_then_the_other_process_moves(order_id: str) -> LedgerOrder | None:
+        found = read(order_id)
+        if found is not None and found.state is OrderState.RECEIVED:
+            # Between this process's read and its write, the other one rejects the order.
+            assert other.move(order_id, OrderState.REJECTED, "pallet 9 is gone", NOW + 1)
+        return found
+
+    monkeypatch.setattr(ledger, "order", read_then_the_other_process_moves)
+    assert ledger.move("wo-7", OrderState.ACCEPTED, "", NOW + 2) is None  # rejected is final
+    final = other.order("wo-7")
+    assert final is not None
+    assert (final.state, final.reason, final.accepted_at) == (
+        OrderState.REJECTED,
+        "pallet 9 is gone",
+        None,
+    )
