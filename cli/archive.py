@@ -348,10 +348,14 @@ def _org_from_store(store: ArchiveStore, data: Path) -> str:
     if directory_file.exists():
         with Directory(directory_file) as directory:
             return directory.org
-    row = store.conn.execute("SELECT topic FROM envelopes LIMIT 1").fetchone()
-    if row is None:
-        fail("the archive is empty and there is no directory to name its org")
-    return str(row[0]).split("/")[1]
+    # The org most rows name: one tampered row cannot make every other row look foreign.
+    row = store.conn.execute(
+        "SELECT substr(topic, 4, instr(substr(topic, 4), '/') - 1) AS org FROM envelopes "
+        "WHERE topic LIKE 'mc/%/%' GROUP BY org ORDER BY COUNT(*) DESC, org LIMIT 1"
+    ).fetchone()
+    if row is None or not row[0]:
+        fail("the archive holds no envelope of any org and there is no directory to name one")
+    return str(row[0])
 
 
 # -- verify --------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def write_private(path: Path, data: bytes) -> None:
     """Replace `path` with `data` atomically and durably, readable by this user only.
 
     Raises:
-        OSError: it cannot be written; `path` is then unchanged.
+        OSError: it cannot be written: `path` then holds its old content, or (when only the
+            final directory sync failed) the new content, not yet known to be on disk.
     """
     tmp = write_temporary(path, data)
     try:

@@ -200,6 +200,18 @@ def test_verify_fails_on_a_row_that_claims_another_org(site: Site) -> None:
     report = site.json("archive", "verify", code=1)
     assert isinstance(report, list)
     assert [(check["ok"], len(check["problems"])) for check in report] == [(False, 1)]
+    # Without the directory the org is the one most rows name: the first row moved to another
+    # org is the one damaged row, not the reason every other row looks foreign.
+    (site.data / "directory.db").unlink()
+    with sqlite3.connect(site.data / "archive.db") as conn:
+        first = conn.execute("SELECT MIN(id) FROM envelopes").fetchone()[0]
+        conn.execute(
+            "UPDATE envelopes SET topic = replace(topic, 'mc/acme/', 'mc/evil/') WHERE id = ?",
+            (first,),
+        )
+    alone = site.json("archive", "verify", code=1)
+    assert isinstance(alone, list)
+    assert [(check["ok"], len(check["problems"])) for check in alone] == [(False, 2)]
 
 
 def test_the_compliance_report_finds_a_chain_without_a_copy(site: Site) -> None:
