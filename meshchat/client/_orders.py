@@ -169,6 +169,11 @@ class WorkOrders:
             self._orders_changed.clear()
             await self._orders_changed.wait()
 
+    def changed(self, order: LedgerOrder) -> None:
+        """Another process sent or answered an order in the shared ledger: tell the waiters."""
+        self._orders_changed.set()
+        self._emit(OrderChanged(order))
+
     def take(self, event: Direct) -> None:
         """A direct message: if it is a work order or an answer to one, into the ledger."""
         order = self._dispatch.take(event, me=self._user)

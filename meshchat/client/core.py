@@ -308,12 +308,16 @@ class Client:
         self._files.close()
 
     async def _watch_store(self) -> None:
-        """Send what other processes queued in this profile's outbox (`meshchat send` hands off).
+        """Work for other processes on this profile: they hand off through its files.
 
-        SQLite's ``data_version`` changes only when another connection commits, so this costs
-        one pragma per tick while nothing happens.
+        What they queue in the outbox (`meshchat send`) is sent; the work orders they send or
+        answer (`meshchat dispatch`) are reported as `OrderChanged`. SQLite's ``data_version``
+        changes only when another connection commits, so this costs two pragmas per tick while
+        nothing happens.
         """
         seen = self.store.data_version()
+        ledger_seen = self.dispatch.data_version()
+        known = {o.order_id: o for o in self.dispatch.orders()}
         while True:
             await asyncio.sleep(HANDOFF_POLL)
             version = self.store.data_version()
@@ -321,6 +325,13 @@ class Client:
                 seen = version
                 self._outbox_changed.set()
                 self._emit(LinkChanged(self.state, self.queued))
+            ledger_version = self.dispatch.data_version()
+            if ledger_version != ledger_seen:
+                ledger_seen = ledger_version
+                for order in self.dispatch.orders():
+                    if known.get(order.order_id) != order:
+                        known[order.order_id] = order
+                        self._orders.changed(order)
 
     def _save_session(self) -> None:
         save_session(self.store, self.session)

@@ -147,6 +147,10 @@ class DispatchLedger:
         """Close the file."""
         self.db.close()
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection (process) commits to the ledger."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
     def __enter__(self) -> Self:
         """Use the ledger in a ``with`` block."""
         return self

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from meshchat.client import Client
+from meshchat.client import Client, OrderChanged
 from meshchat.client.dispatch import LedgerOrder
 from meshchat.client.handoff import hand_off_answer, hand_off_order
 from meshchat.device import OrderState
@@ -38,6 +38,9 @@ async def test_an_order_and_its_answer_go_through_the_running_clients(fleet: Fle
             bob_profile, "carol-laptop", "count the returns in bay 2", wait=WAIT
         )
         assert sent
+        # bob's running client (his chat's /dispatch lines) hears of the order it did not send.
+        reported = await next_order_event(bob, order.order_id)
+        assert (reported.state, reported.text) == (OrderState.SENT, "count the returns in bay 2")
         received = await until(carol, order.order_id, lambda _order: True)
         assert (received.direction, received.user, received.text) == (
             "in",
@@ -59,3 +62,11 @@ async def test_an_order_and_its_answer_go_through_the_running_clients(fleet: Fle
         with pytest.raises(NotFoundError, match="no device 'van-9' is known"):
             await hand_off_order(bob_profile, "van-9", "anything", wait=1)
         assert {o.order_id for o in bob.dispatch.orders()} == {first.order_id, order.order_id}
+
+
+async def next_order_event(client: Client, order_id: str) -> LedgerOrder:
+    async with asyncio.timeout(WAIT):
+        async for event in client.events():
+            if isinstance(event, OrderChanged) and event.order.order_id == order_id:
+                return event.order
+    raise AssertionError("no OrderChanged")
