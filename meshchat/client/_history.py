@@ -77,7 +77,9 @@ class History:
         for item in reversed(items) if newest_first else items:
             match item:
                 case [*_, int(chain_id), int(index), _, bytes(payload)]:
-                    unseen += not self._store.has_message(topic, (chain_id, index))
+                    if self._store.has_message(topic, (chain_id, index)):
+                        continue  # read before: its chain may even be forgotten by now
+                    unseen += 1
                     self._receiver.apply(
                         self._session.on_group_message(topic, payload, history=True)
                     )

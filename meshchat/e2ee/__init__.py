@@ -54,6 +54,7 @@ from meshchat.e2ee.roster import (
 from meshchat.e2ee.session import (
     COMPLIANCE_RECIPIENT,
     MAX_PENDING,
+    MAX_READ_CHAINS,
     Decrypted,
     DeviceSession,
     Direct,
@@ -102,6 +103,7 @@ __all__ = [
     "MAX_NOTICE_TEXT",
     "MAX_PARKED",
     "MAX_PENDING",
+    "MAX_READ_CHAINS",
     "MAX_SKIPPED_KEYS",
     "MAX_TELEMETRY_KEY_AGE",
     "MAX_TELEMETRY_MESSAGES",

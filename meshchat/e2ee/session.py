@@ -62,6 +62,7 @@ from meshchat.topics import InboxTopic
 __all__ = [
     "COMPLIANCE_RECIPIENT",
     "MAX_PENDING",
+    "MAX_READ_CHAINS",
     "Decrypted",
     "DeviceSession",
     "Direct",
@@ -83,6 +84,9 @@ MAX_PENDING_INBOX: Final = 1000
 """Inbox payloads waiting for a roster or key record."""
 MAX_SENT_CHAINS: Final = 64
 """Own retired chains per group kept to answer key requests."""
+MAX_READ_CHAINS: Final = MAX_SENT_CHAINS
+"""Chains of one sender device per group a reader keeps (their seen sets and skipped keys);
+the oldest is forgotten when a newer one arrives. Its sender keeps no more to answer for."""
 MAX_ANSWERED: Final = 10_000
 
 
@@ -374,6 +378,7 @@ class DeviceSession:
             share, sender=self.device
         )
         self._changed_chains.add((group_topic, chain.chain_id))
+        self._retire_read_chains(group_topic, self.device)
         outgoing.extend(self._distribute(group_topic, share, self.keys.devices_of(roster.members)))
         if roster.compliance and self.trust.compliance is not None:
             copy = seal_distribution(
@@ -392,6 +397,17 @@ class DeviceSession:
             del self._sent[key]
             self._changed_sent.discard(key)
             self._deleted.add(sent_part(*key))
+
+    def _retire_read_chains(self, group_topic: str, sender: str) -> None:
+        """Forget the oldest chains of one sender in a group beyond `MAX_READ_CHAINS`."""
+        theirs = [
+            key for key, c in self._inbound.items() if key[0] == group_topic and c.sender == sender
+        ]
+        for key in theirs[:-MAX_READ_CHAINS]:
+            del self._inbound[key]
+            self._requested.pop(key, None)
+            self._changed_chains.discard(key)
+            self._deleted.add(chain_part(*key))
 
     def _distribute(
         self, group_topic: str, share: ChainShare, devices: Iterable[DeviceKeys]
@@ -580,6 +596,7 @@ class DeviceSession:
         self._changed_chains.add(key)
         if chain is None:
             self._inbound[key] = InboundChain.from_share(share, sender=sender)
+            self._retire_read_chains(group_topic, sender)
             return None
         if chain.sender != sender:
             return f"chain {share.chain_id} belongs to {chain.sender}"

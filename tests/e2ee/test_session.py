@@ -32,7 +32,7 @@ from meshchat.e2ee import (
     sign_roster,
 )
 from meshchat.e2ee.chain import advance
-from meshchat.e2ee.session import MAX_SENT_CHAINS, chain_part, sent_part
+from meshchat.e2ee.session import MAX_READ_CHAINS, MAX_SENT_CHAINS, chain_part, sent_part
 from meshchat.envelope import Distribution, GroupMessage, Sealed, Signed, decode, encode
 from meshchat.errors import DecryptError, E2EEError
 from meshchat.topics import InboxTopic, parse_topic
@@ -583,3 +583,23 @@ def test_a_session_saved_in_parts_refuses_missing_or_damaged_parts(net: Net, org
         restore(parts | {"records": b"\xc1"})
     with pytest.raises(E2EEError, match="corrupt"):
         restore(parts | {"rosters": b"\x91\x90"})
+
+
+def test_a_reader_keeps_the_newest_chains_of_a_sender_and_forgets_older_ones(net: Net) -> None:
+    b1 = net.sessions["b1"]
+    net.broadcast_roster(LINE1, "alice", "bob", expires_at=NOW + 30 * DAY)
+    b1.take_changes()
+    sent = []
+    for policy in range(MAX_READ_CHAINS + 2):  # each policy change makes alice start a chain
+        sent.append(net.send("a1", LINE1, f"chain {policy}"))
+        net.broadcast_roster(LINE1, "alice", "bob", policy=policy + 1, expires_at=NOW + 30 * DAY)
+    assert net.texts("b1") == [f"chain {n}" for n in range(MAX_READ_CHAINS + 2)]
+    changes = b1.take_changes()
+    forgotten = [decode_id(item.payload)[0] for item in sent[:2]]
+    assert changes.deleted == {chain_part(LINE1, chain_id) for chain_id in forgotten}
+    b1.mark_all_changed()
+    held = [name for name in b1.take_changes().parts if name.startswith("chain:")]
+    assert len(held) == MAX_READ_CHAINS
+    # A late copy of a message on a forgotten chain is not read a second time.
+    late = b1.on_group_message(LINE1, sent[0].payload)
+    assert not [e for e in late.events if isinstance(e, Decrypted)]
