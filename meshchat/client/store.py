@@ -213,16 +213,22 @@ class ClientStore:
         self.put_many({key: value})
 
     def put_many(self, values: Mapping[str, bytes]) -> None:
-        """Store several values in one transaction."""
+        """Store several values in one transaction (a new key goes after every other)."""
         with self._write() as conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", values.items()
+                "INSERT INTO state (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                values.items(),
             )
 
     def get_prefixed(self, prefix: str) -> dict[str, bytes]:
-        """Every stored value whose key starts with `prefix`, by key without the prefix."""
+        """Every stored value whose key starts with `prefix`, by key without the prefix.
+
+        In the order the keys were first stored: a value rewritten since keeps its place.
+        """
         rows = self.db.execute(
-            "SELECT key, value FROM state WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+            "SELECT key, value FROM state WHERE substr(key, 1, ?) = ? ORDER BY rowid",
+            (len(prefix), prefix),
         )
         return {str(key)[len(prefix) :]: bytes(value) for key, value in rows}
 

@@ -859,14 +859,12 @@ class DeviceSession:
             parts[RECORDS_PART] = _pack(self._records_state())
         if whole or ROSTERS_PART in self._changed:
             parts[ROSTERS_PART] = _pack(self._rosters_state())
-        for key in self._inbound if whole else self._changed_chains:
-            chain = self._inbound.get(key)
-            if chain is not None:
-                parts[chain_part(*key)] = _pack(self._chain_state(key, chain))
-        for key in self._sent if whole else self._changed_sent:
-            sent = self._sent.get(key)
-            if sent is not None:
-                parts[sent_part(*key)] = _pack(_sent_state(sent))
+        # Parts in the order their chains arrived (oldest first), as `from_parts` gets them
+        # back: which chains retire first depends on it.
+        for key in _in_order(self._inbound, None if whole else self._changed_chains):
+            parts[chain_part(*key)] = _pack(self._chain_state(key, self._inbound[key]))
+        for key in _in_order(self._sent, None if whole else self._changed_sent):
+            parts[sent_part(*key)] = _pack(_sent_state(self._sent[key]))
         changes = SessionChanges(parts, frozenset(() if whole else self._deleted), whole=whole)
         self._all_changed = False
         self._changed.clear()
@@ -949,6 +947,12 @@ class DeviceSession:
         box: BoxKeyPair,
     ) -> DeviceSession:
         """Restore a session saved in parts (`take_changes`); nothing counts as changed after.
+
+        Args:
+            parts: the parts by name, each chain's in the order it was first saved.
+            trust: the org's trust bundle.
+            signing: this device's signing key.
+            box: this device's box key.
 
         Raises:
             E2EEError: a part is missing or corrupt, or from another format version.
@@ -1083,6 +1087,17 @@ def _full_state(
         raise E2EEError("the saved session state is corrupt: a part has the wrong layout")
     _version, user, device, rotate, *after = core
     return [_STATE_VERSION, user, device, *records, *rosters, rotate, sent, chains, *after]
+
+
+def _in_order(
+    held: Mapping[tuple[str, int], object], changed: set[tuple[str, int]] | None
+) -> list[tuple[str, int]]:
+    """The keys of `held` that `changed` names (all with None), in `held`'s order."""
+    if changed is None:
+        return list(held)
+    if len(changed) <= 1:
+        return [key for key in changed if key in held]
+    return [key for key in held if key in changed]
 
 
 def _sent_state(sent: SentChain) -> list[object]:

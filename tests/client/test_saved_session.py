@@ -17,13 +17,14 @@ def net() -> Net:
     org = Org()
     org.add_user("alice", "a1")
     org.add_user("bob", "b1")
+    org.add_user("carol", "c1")
     net = Net(org)
     for devices in org.devices.values():
         for device in devices:
             net.join(device)
     for user in org.devices:
         net.broadcast_record(user)
-    net.broadcast_roster(LINE1, "alice", "bob")
+    net.broadcast_roster(LINE1, "alice", "bob", "carol")
     return net
 
 
@@ -62,3 +63,18 @@ def test_a_store_holding_the_old_single_blob_is_read_and_moved_over(
     with ClientStore(tmp_path / "client.db") as store:
         store.put(SESSION_KEY, b1.to_bytes())
         assert restore(net, store) == b1.to_bytes()  # read as it is (the hand-off does)
+
+
+def test_chains_come_back_in_the_order_they_arrived_after_later_saves(
+    net: Net, tmp_path: Path
+) -> None:
+    # Which chains a reader forgets first depends on that order, so it must survive a restart.
+    b1 = net.sessions["b1"]
+    with ClientStore(tmp_path / "client.db") as store:
+        net.send("c1", LINE1, "carol's chain first")
+        save_session(store, b1)
+        net.send("a1", LINE1, "alice's chain second")
+        save_session(store, b1)
+        net.send("c1", LINE1, "carol's chain again: its part is written last")
+        save_session(store, b1)
+        assert restore(net, store) == b1.to_bytes()
