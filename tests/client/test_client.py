@@ -189,7 +189,7 @@ async def test_the_session_is_saved_in_parts_and_an_old_single_blob_is_moved_ove
         await bob.send("ops/line1", "second")
         await next_message(carol, text="second")
         carol.store.db.conn.set_trace_callback(None)
-        saved = [s for s in written if "INSERT OR REPLACE INTO state" in s]
+        saved = [s for s in written if "INTO state (key, value)" in s]
         assert saved, written
         assert {key for s in saved for key in _state_keys(s)} == {
             "session/core",
@@ -217,7 +217,7 @@ async def test_the_session_is_saved_in_parts_and_an_old_single_blob_is_moved_ove
 
 
 def _state_keys(statement: str) -> list[str]:
-    """The keys an expanded ``INSERT OR REPLACE INTO state`` statement writes."""
+    """The keys an expanded ``INSERT INTO state`` statement writes."""
     return [part.split("'")[1] for part in statement.split("VALUES (")[1:]]
 
 
