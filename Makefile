@@ -53,7 +53,7 @@ pytest: $(VENV)/.dev-installed mosquitto ## the test suite, one worker per core 
 
 test: lint typecheck contracts pytest ## everything CI runs: lint, types, contracts, tests
 
-bench: $(VENV)/.dev-installed mosquitto ## benchmarks: E2EE budgets, the broker beside raw amqtt, auth+ACL and Mosquitto, archiver ingest, end-to-end clients, geofence fixes/s, device telemetry bytes and fixes/s, client session saves
+bench: $(VENV)/.dev-installed mosquitto ## benchmarks: E2EE budgets, the broker beside raw amqtt, auth+ACL and Mosquitto, archiver ingest, end-to-end clients, geofence fixes/s, device telemetry bytes and fixes/s, client session saves, catch-up over 64 kbit/s
 	$(BIN)/python benchmarks/e2ee_bench.py $(ARGS)
 	$(BIN)/python benchmarks/broker_bench.py $(ARGS)
 	$(BIN)/python benchmarks/archive_bench.py $(ARGS)
@@ -61,6 +61,7 @@ bench: $(VENV)/.dev-installed mosquitto ## benchmarks: E2EE budgets, the broker 
 	$(BIN)/python benchmarks/geofence_bench.py $(ARGS)
 	$(BIN)/python benchmarks/device_bench.py $(ARGS)
 	$(BIN)/python benchmarks/session_bench.py $(ARGS)
+	$(BIN)/python benchmarks/catchup_bench.py $(ARGS)
 
 clean: ## remove the virtualenv and caches (not your data)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
