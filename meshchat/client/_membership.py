@@ -61,8 +61,9 @@ class Membership:
         """Subscribe to a group's roster and messages."""
         dept, name = path.split("/", 1)
         topic = GroupTopic(self._org, dept, name)
-        await self._transport.subscribe(topic.roster.topic)
-        await self._transport.subscribe(topic.topic)
+        await asyncio.gather(
+            self._transport.subscribe(topic.roster.topic), self._transport.subscribe(topic.topic)
+        )
 
     async def refresh(self) -> None:
         """Ask the directory which groups this user is in, and follow new ones."""

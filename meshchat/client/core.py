@@ -338,13 +338,15 @@ class Client:
 
     async def _subscribe_all(self) -> None:
         org = self.org
-        await self.transport.subscribe(f"mc/{org}/_k/+")
-        await self.transport.subscribe(InboxTopic(org, self.profile.device).topic)
-        await self.transport.subscribe(
-            ServiceTopic(org, "dir", self.profile.user, reply=True).topic
+        # All at once: one SUBSCRIBE, one wait. On a thin link the broker's acknowledgement
+        # queues behind what it kept for this device, so waiting for each in turn cost that
+        # queue's time again per topic.
+        await asyncio.gather(
+            self.transport.subscribe(f"mc/{org}/_k/+"),
+            self.transport.subscribe(InboxTopic(org, self.profile.device).topic),
+            self.transport.subscribe(ServiceTopic(org, "dir", self.profile.user, reply=True).topic),
+            *(self._membership.follow(path) for path in sorted(self._groups)),
         )
-        for path in sorted(self._groups):
-            await self._membership.follow(path)
         await self._membership.refresh()
         if self.store.get(INBOX_SYNCED_KEY) is None:
             await self._history.sync_inbox()
