@@ -151,6 +151,8 @@ class Receiver:
         match event:
             case Decrypted():
                 self._keep(event)
+            case Undecryptable() if self._store.has_message(event.group_topic, event.message_id):
+                pass  # read before (a late copy of it, on a chain since forgotten): nothing new
             case Undecryptable():
                 path = group_path(event.group_topic)
                 self._store.add_notice(

@@ -63,6 +63,7 @@ __all__ = [
     "COMPLIANCE_RECIPIENT",
     "MAX_PENDING",
     "MAX_READ_CHAINS",
+    "MAX_RETIRED",
     "Decrypted",
     "DeviceSession",
     "Direct",
@@ -84,6 +85,9 @@ MAX_PENDING_INBOX: Final = 1000
 """Inbox payloads waiting for a roster or key record."""
 MAX_SENT_CHAINS: Final = 64
 """Own retired chains per group kept to answer key requests."""
+MAX_RETIRED: Final = 20_000
+"""Forgotten chains remembered by id only (a few dozen bytes each), so a replayed distribution
+cannot bring one back and push out a chain still in use; the oldest ids go first."""
 MAX_READ_CHAINS: Final = MAX_SENT_CHAINS
 """Chains of one sender device per group a reader keeps (their seen sets and skipped keys);
 the oldest is forgotten when a newer one arrives. Its sender keeps no more to answer for."""
@@ -246,6 +250,7 @@ class DeviceSession:
         self._changed_chains: set[tuple[str, int]] = set()
         self._changed_sent: set[tuple[str, int]] = set()
         self._deleted: set[str] = set()
+        self._retired: OrderedDict[tuple[str, int], None] = OrderedDict()
 
     # ---------------------------------------------------------------- inputs: rosters, records
 
@@ -408,6 +413,13 @@ class DeviceSession:
             self._requested.pop(key, None)
             self._changed_chains.discard(key)
             self._deleted.add(chain_part(*key))
+            self._retired[key] = None
+            self._changed.add(RETIRED_PART)
+            # What waited for the chain's earlier keys never will be read now.
+            for waiting in [k for k in self._pending if k[:2] == key]:
+                del self._pending[waiting]
+        while len(self._retired) > MAX_RETIRED:
+            self._retired.popitem(last=False)
 
     def _distribute(
         self, group_topic: str, share: ChainShare, devices: Iterable[DeviceKeys]
@@ -463,8 +475,7 @@ class DeviceSession:
         message_id = (envelope.chain_id, envelope.index)
         chain = self._inbound.get((group_topic, envelope.chain_id))
         if chain is None:
-            self._wait(group_topic, envelope, payload, history)
-            step.events.append(Waiting(group_topic, message_id))
+            step.events.append(self._unknown_chain(group_topic, envelope, payload, history))
             return step
         try:
             plaintext = chain.decrypt(group_topic, envelope, history=history)
@@ -491,6 +502,22 @@ class DeviceSession:
         sender = self.user if chain.sender == self.device else owner[0] if owner else "?"
         step.events.append(Decrypted(group_topic, sender, chain.sender, message_id, inner, history))
         return step
+
+    def _unknown_chain(
+        self, group_topic: str, envelope: GroupMessage, payload: bytes, history: bool
+    ) -> Event:
+        """A message of a chain this device holds no key for: it waits, or was forgotten."""
+        message_id = (envelope.chain_id, envelope.index)
+        if (group_topic, envelope.chain_id) in self._retired:
+            return Undecryptable(
+                group_topic,
+                message_id,
+                f"its chain is older than the {MAX_READ_CHAINS} newest of its sender's chains "
+                "this device keeps",
+                "forgotten",
+            )
+        self._wait(group_topic, envelope, payload, history)
+        return Waiting(group_topic, message_id)
 
     def _wait(
         self, group_topic: str, envelope: GroupMessage, payload: bytes, history: bool
@@ -592,6 +619,8 @@ class DeviceSession:
     def _take_share(self, group_topic: str, sender: str, share: ChainShare) -> str | None:
         """Install a verified share; None when taken, else why it was refused."""
         key = (group_topic, share.chain_id)
+        if key in self._retired:
+            return f"chain {share.chain_id} was forgotten here (a replayed distribution)"
         chain = self._inbound.get(key)
         self._changed_chains.add(key)
         if chain is None:
@@ -859,6 +888,8 @@ class DeviceSession:
             parts[RECORDS_PART] = _pack(self._records_state())
         if whole or ROSTERS_PART in self._changed:
             parts[ROSTERS_PART] = _pack(self._rosters_state())
+        if whole or RETIRED_PART in self._changed:
+            parts[RETIRED_PART] = _pack([[g, c] for g, c in self._retired])
         # Parts in the order their chains arrived (oldest first), as `from_parts` gets them
         # back: which chains retire first depends on it.
         for key in _in_order(self._inbound, None if whole else self._changed_chains):
@@ -872,6 +903,11 @@ class DeviceSession:
         self._changed_sent.clear()
         self._deleted.clear()
         return changes
+
+    def restore_retired(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Remember chains forgotten before a restart (`from_parts` calls it)."""
+        for key in keys:
+            self._retired[key] = None
 
     def mark_all_changed(self) -> None:
         """Make the next `take_changes` return the whole state (after a save that failed)."""
@@ -968,7 +1004,16 @@ class DeviceSession:
         chains = [_unpack_state(v) for n, v in parts.items() if n.startswith(_CHAIN_PREFIX)]
         sent = [_unpack_state(v) for n, v in parts.items() if n.startswith(_SENT_PREFIX)]
         state = _full_state(core, records, rosters, sent, chains)
-        return cls._from_state(state, trust=trust, signing=signing, box=box, changed=False)
+        session = cls._from_state(state, trust=trust, signing=signing, box=box, changed=False)
+        retired = _unpack_state(parts.get(RETIRED_PART, b"\x90"))
+        if not isinstance(retired, list):
+            raise E2EEError("the saved session state is corrupt: its forgotten chains")
+        try:
+            session.restore_retired((str(g), int(c)) for g, c in retired)
+        except (TypeError, ValueError) as exc:
+            msg = f"the saved session state is corrupt: {exc}"
+            raise E2EEError(msg) from exc
+        return session
 
     @classmethod
     def _from_state(
@@ -1050,6 +1095,7 @@ _PARTS_VERSION: Final = 1
 CORE_PART: Final = "core"
 RECORDS_PART: Final = "records"
 ROSTERS_PART: Final = "rosters"
+RETIRED_PART: Final = "retired"
 _CHAIN_PREFIX: Final = "chain:"
 _SENT_PREFIX: Final = "sent:"
 _EMPTY_PAIR: Final = b"\x92\x90\x90"  # msgpack [[], []]

@@ -600,6 +600,36 @@ def test_a_reader_keeps_the_newest_chains_of_a_sender_and_forgets_older_ones(net
     b1.mark_all_changed()
     held = [name for name in b1.take_changes().parts if name.startswith("chain:")]
     assert len(held) == MAX_READ_CHAINS
-    # A late copy of a message on a forgotten chain is not read a second time.
+    # A late copy of a message on a forgotten chain is not read a second time: it says why.
     late = b1.on_group_message(LINE1, sent[0].payload)
-    assert not [e for e in late.events if isinstance(e, Decrypted)]
+    assert [(type(e), getattr(e, "code", None)) for e in late.events] == [
+        (Undecryptable, "forgotten")
+    ]
+    # A replayed distribution cannot bring a forgotten chain back and push out a current one.
+    first_copy = next(
+        item
+        for item in net.published
+        if item.topic == "mc/acme/_d/b1"
+        and isinstance(envelope := decode(item.payload), Distribution)
+        and open_distribution(
+            envelope,
+            org="acme",
+            recipient="b1",
+            box_key=net.org.devices["bob"][0].box,
+            sender_key=net.org.devices["alice"][0].signing.public,
+        ).share.chain_id
+        == forgotten[0]
+    )
+    replay = b1.on_inbox(first_copy.payload)
+    assert "forgotten" in refusal(replay.events)
+    assert b1.take_changes().deleted == frozenset()
+    newest = net.send("a1", LINE1, "still read")
+    assert net.texts("b1")[-1] == "still read"
+    # The memory of forgotten chains survives a restart from the saved parts.
+    b1.mark_all_changed()
+    device = net.org.devices["bob"][0]
+    restored = DeviceSession.from_parts(
+        b1.take_changes().parts, trust=net.org.trust, signing=device.signing, box=device.box
+    )
+    assert "forgotten" in refusal(restored.on_inbox(first_copy.payload).events)
+    assert restored.on_group_message(LINE1, newest.payload).events == []  # read before
