@@ -108,6 +108,8 @@ class WorkOrders:
         self._dispatch = dispatch
         self._ready_timeout = ready_timeout
         self._orders_changed = asyncio.Event()
+        # The orders as last reported, to tell another process's changes from this client's.
+        self._known = {order.order_id: order for order in dispatch.orders()}
 
     async def send(self, device: str, text: str) -> LedgerOrder:
         """Send a work order to one device (see `Client.send_order`).
@@ -135,8 +137,7 @@ class WorkOrders:
             now=self._clock(),
         )
         self._outbox_changed.set()
-        self._orders_changed.set()
-        self._emit(OrderChanged(order))
+        self._report(order)
         return order
 
     async def answer(self, order_id: str, state: OrderState, reason: str) -> LedgerOrder:
@@ -155,9 +156,8 @@ class WorkOrders:
             reason=reason,
             now=self._clock(),
         )
-        self._emit(OrderChanged(moved))
         self._outbox_changed.set()
-        self._orders_changed.set()
+        self._report(moved)
         return moved
 
     async def wait(self, order_id: str, check: Callable[[LedgerOrder], bool]) -> LedgerOrder:
@@ -169,14 +169,22 @@ class WorkOrders:
             self._orders_changed.clear()
             await self._orders_changed.wait()
 
-    def changed(self, order: LedgerOrder) -> None:
-        """Another process sent or answered an order in the shared ledger: tell the waiters."""
-        self._orders_changed.set()
-        self._emit(OrderChanged(order))
+    def reconcile(self) -> None:
+        """Report each order of the shared ledger that differs from what was last reported.
+
+        Called when another process (`meshchat dispatch` beside this client) changed the ledger.
+        """
+        for order in self._dispatch.orders():
+            if self._known.get(order.order_id) != order:
+                self._report(order)
 
     def take(self, event: Direct) -> None:
         """A direct message: if it is a work order or an answer to one, into the ledger."""
         order = self._dispatch.take(event, me=self._user)
         if order is not None:
-            self._orders_changed.set()
-            self._emit(OrderChanged(order))
+            self._report(order)
+
+    def _report(self, order: LedgerOrder) -> None:
+        self._known[order.order_id] = order
+        self._orders_changed.set()
+        self._emit(OrderChanged(order))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Final, Self
@@ -317,7 +318,6 @@ class Client:
         """
         seen = self.store.data_version()
         ledger_seen = self.dispatch.data_version()
-        known = {o.order_id: o for o in self.dispatch.orders()}
         while True:
             await asyncio.sleep(HANDOFF_POLL)
             version = self.store.data_version()
@@ -325,13 +325,13 @@ class Client:
                 seen = version
                 self._outbox_changed.set()
                 self._emit(LinkChanged(self.state, self.queued))
-            ledger_version = self.dispatch.data_version()
-            if ledger_version != ledger_seen:
-                ledger_seen = ledger_version
-                for order in self.dispatch.orders():
-                    if known.get(order.order_id) != order:
-                        known[order.order_id] = order
-                        self._orders.changed(order)
+            try:
+                ledger_version = self.dispatch.data_version()
+                if ledger_version != ledger_seen:
+                    ledger_seen = ledger_version
+                    self._orders.reconcile()
+            except (sqlite3.Error, ValueError):  # the outbox hand-off goes on regardless
+                logger.exception("could not read the dispatch ledger")
 
     def _save_session(self) -> None:
         save_session(self.store, self.session)

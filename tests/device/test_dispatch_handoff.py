@@ -38,9 +38,14 @@ async def test_an_order_and_its_answer_go_through_the_running_clients(fleet: Fle
             bob_profile, "carol-laptop", "count the returns in bay 2", wait=WAIT
         )
         assert sent
-        # bob's running client (his chat's /dispatch lines) hears of the order it did not send.
-        reported = await next_order_event(bob, order.order_id)
-        assert (reported.state, reported.text) == (OrderState.SENT, "count the returns in bay 2")
+        # bob's running client (his chat's /dispatch lines) hears of the order it did not send,
+        # and of its own order once only (when it sent it, not again when the ledger changed).
+        reports = await order_events_until(bob, order.order_id)
+        assert [(o.order_id, o.state) for o in reports] == [
+            (first.order_id, OrderState.SENT),
+            (order.order_id, OrderState.SENT),
+        ]
+        assert reports[-1].text == "count the returns in bay 2"
         received = await until(carol, order.order_id, lambda _order: True)
         assert (received.direction, received.user, received.text) == (
             "in",
@@ -64,9 +69,13 @@ async def test_an_order_and_its_answer_go_through_the_running_clients(fleet: Fle
         assert {o.order_id for o in bob.dispatch.orders()} == {first.order_id, order.order_id}
 
 
-async def next_order_event(client: Client, order_id: str) -> LedgerOrder:
+async def order_events_until(client: Client, order_id: str) -> list[LedgerOrder]:
+    """Every order the client reported, up to and including `order_id`'s first report."""
+    reported: list[LedgerOrder] = []
     async with asyncio.timeout(WAIT):
         async for event in client.events():
-            if isinstance(event, OrderChanged) and event.order.order_id == order_id:
-                return event.order
+            if isinstance(event, OrderChanged):
+                reported.append(event.order)
+                if event.order.order_id == order_id:
+                    return reported
     raise AssertionError("no OrderChanged")
