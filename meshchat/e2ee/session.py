@@ -622,15 +622,16 @@ class DeviceSession:
         if key in self._retired:
             return f"chain {share.chain_id} was forgotten here (a replayed distribution)"
         chain = self._inbound.get(key)
-        self._changed_chains.add(key)
         if chain is None:
             self._inbound[key] = InboundChain.from_share(share, sender=sender)
+            self._changed_chains.add(key)
             self._retire_read_chains(group_topic, sender)
             return None
         if chain.sender != sender:
             return f"chain {share.chain_id} belongs to {chain.sender}"
         try:
-            chain.extend_back(share)
+            if chain.extend_back(share):
+                self._changed_chains.add(key)
         except DecryptError as exc:
             return str(exc)
         return None
@@ -1084,6 +1085,9 @@ class DeviceSession:
             session._requested = {(g, c): i for g, c, i in requested}
             session._revoked = set(revoked)
             session._all_changed = changed
+            # A state saved before chains were retired may hold more than a reader keeps.
+            for group, sender in {(k[0], c.sender) for k, c in session._inbound.items()}:
+                session._retire_read_chains(group, sender)
         except (ValueError, TypeError, EnvelopeError) as exc:
             msg = f"the saved session state is corrupt: {exc}"
             raise E2EEError(msg) from exc
