@@ -477,10 +477,10 @@ def notes(outcome: Outcome) -> list[str]:
         + (f"; gaps over {GAP_S * 1000:.0f} ms: {gaps}" if gaps else "")
     )
     lines.append(
-        f"the receiver's transport is connected once the broker acknowledged its birth message: "
-        f"that PUBACK came {_cell(outcome.first_puback_s, 2)} s after the connect, behind the "
-        "queued messages the broker sent first; `async with Client` returned after "
-        f"{_cell(outcome.setup_s.get('client_entered'), 2)} s (it waits for the subscriptions)"
+        f"the birth message's PUBACK came {_cell(outcome.first_puback_s, 2)} s after the connect "
+        "(the client reads from the first byte regardless); `async with Client` returned after "
+        f"{_cell(outcome.setup_s.get('client_entered'), 2)} s (it waits for the directory's "
+        "answer, which queues behind the backlog)"
     )
     tail = {
         kind: count["bytes"] - outcome.down.get(kind, {}).get("bytes", 0)

@@ -276,9 +276,11 @@ class ThrottledProxy:
             sides.append(upstream)
             self._sides.add(upstream)
             async with asyncio.TaskGroup() as pumps:
-                pumps.create_task(_pump(reader, upstream, self.up, sides), name="catchup[proxy].up")
                 pumps.create_task(
-                    _pump(up_reader, writer, self.down, sides), name="catchup[proxy].down"
+                    _pump(reader, upstream, self.up, sides), name="throttle[proxy].up"
+                )
+                pumps.create_task(
+                    _pump(up_reader, writer, self.down, sides), name="throttle[proxy].down"
                 )
         finally:
             for side in sides:
@@ -319,6 +321,3 @@ async def _pump(
     # One direction ended: end the other too, as a real link would.
     for side in sides:
         side.transport.abort()
-
-
-# --- the run -------------------------------------------------------------------------------------

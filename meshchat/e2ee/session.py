@@ -3,7 +3,8 @@
 `DeviceSession` is what a client feeds with everything that arrives (retained rosters and key
 records, group messages, its inbox) and asks to encrypt; it answers with events to show and
 envelopes to publish (`Step`). It does no IO: the client library owns the MQTT connection and
-stores `DeviceSession.to_bytes()` with its key store.
+saves what changed after every step (`take_changes`, restored with `from_parts`); a device
+keeps the whole state as one blob (`to_bytes`).
 
 The rules it carries out (DESIGN.md section 5):
 
