@@ -25,6 +25,7 @@ from meshchat.broker import MOSQUITTO_SERVICES, MosquittoFiles, MosquittoOptions
 from meshchat.directory.credentials import MOSQUITTO_TOKEN_ITERATIONS, mosquitto_hash, new_token
 from meshchat.directory.policy import SERVICE_PREFIX
 from meshchat.errors import MeshchatError
+from meshchat.files import write_private
 
 __all__ = ["deploy_app"]
 
@@ -86,12 +87,12 @@ def _service_secret(data: Path, name: str) -> tuple[Path, str]:
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     secret_path, hash_path = folder / f"{name}.secret", folder / f"{name}.mosquitto"
     if not secret_path.exists():
-        _write_atomically(secret_path, new_token() + "\n", 0o600, None)
+        write_private(secret_path, (new_token() + "\n").encode("utf-8"))
         hash_path.unlink(missing_ok=True)
     if not hash_path.exists():
         secret = secret_path.read_text(encoding="utf-8").strip()
         hashed = mosquitto_hash(secret, iterations=MOSQUITTO_TOKEN_ITERATIONS)
-        _write_atomically(hash_path, hashed + "\n", 0o600, None)
+        write_private(hash_path, (hashed + "\n").encode("utf-8"))
     return secret_path, hash_path.read_text(encoding="utf-8").strip()
 
 

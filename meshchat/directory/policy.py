@@ -281,9 +281,7 @@ class AccessPolicy:
             return _deny("only the geofence service publishes its reader certificate")
         if reading:
             return _deny("only the geofence service reads telemetry key shares")
-        if principal.device is not None and hmac.compare_digest(principal.device, topic.requester):
-            return _allow("a device leaves its telemetry key share for the geofence")
-        return _deny(f"only the device {topic.requester} leaves its telemetry key share")
+        return AccessPolicy._own_device(principal, topic.requester, "geofence key share")
 
     @staticmethod
     def _service_request(user: User, reading: bool, topic: ServiceTopic) -> Decision:

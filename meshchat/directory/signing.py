@@ -256,7 +256,7 @@ class OrgKeys:
             raise ConfigError(f"{keys_path / DIRECTORY_KEY} does not match the trust bundle")
         geofence_key = cls._signing_key(store, GEOFENCE_KEY)
         if geofence_key is not None:
-            cert = next((c for c in trust.signers if c.name == GEOFENCE_SIGNER), None)
+            cert = trust.signer(GEOFENCE_SIGNER)
             if cert is None or not _same(geofence_key.public, cert.public):
                 raise ConfigError(f"{keys_path / GEOFENCE_KEY} does not match the trust bundle")
         return cls(store, trust, directory_key, geofence_key)

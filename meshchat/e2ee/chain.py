@@ -94,8 +94,8 @@ def _aad(header: bytes, gid: bytes, chain_id: int, index: int) -> bytes:
     return _AAD_DOMAIN + header + gid + struct.pack(">II", chain_id, index)
 
 
-def _signed_bytes(gid: bytes, envelope: GroupMessage) -> bytes:
-    return _SIG_DOMAIN + gid + envelope.signed_part()
+def _signed_bytes(gid: bytes, signed_part: bytes) -> bytes:
+    return _SIG_DOMAIN + gid + signed_part
 
 
 def _guarded_nonce(nonce: bytes, guard: bytes) -> bytes:
@@ -182,7 +182,7 @@ class OutboundChain:
             keys[:_KEY_LEN],
         )
         unsigned = GroupMessage(self.chain_id, self.index, guard + ciphertext, bytes(64))
-        signature = self._signing_key().sign(_signed_bytes(gid, unsigned))
+        signature = self._signing_key().sign(_signed_bytes(gid, unsigned.signed_part()))
         envelope = GroupMessage(self.chain_id, self.index, guard + ciphertext, signature.signature)
         self.chain_key = _next_chain_key(self.chain_key)
         self.index += 1
@@ -269,7 +269,7 @@ class InboundChain:
     def _verify(self, gid: bytes, envelope: GroupMessage, signed_part: bytes) -> None:
         try:
             nacl.bindings.crypto_sign_open(
-                envelope.sig + _SIG_DOMAIN + gid + signed_part, self.verify_key
+                envelope.sig + _signed_bytes(gid, signed_part), self.verify_key
             )
         except nacl.exceptions.BadSignatureError as exc:
             raise DecryptError(

@@ -172,7 +172,7 @@ def verify_notice(trust: OrgTrust, envelope: Signed | bytes, *, device: str) -> 
     signed = decode(envelope) if isinstance(envelope, bytes) else envelope
     if not isinstance(signed, Signed):
         raise EnvelopeError("a notice is a signed envelope")
-    cert = next((c for c in trust.signers if c.name == signed.signer), None)
+    cert = trust.signer(signed.signer)
     if cert is None:
         raise NoticeError(f"notice signer {signed.signer!r} is not certified by the org root")
     if not verify(cert.public, NOTICE_DOMAIN, signed.payload, signed.sig):

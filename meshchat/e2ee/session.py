@@ -406,9 +406,24 @@ class DeviceSession:
 
     def _retire_read_chains(self, group_topic: str, sender: str) -> None:
         """Forget the oldest chains of one sender in a group beyond `MAX_READ_CHAINS`."""
-        theirs = [
-            key for key, c in self._inbound.items() if key[0] == group_topic and c.sender == sender
-        ]
+        self._retire(
+            [
+                key
+                for key, c in self._inbound.items()
+                if key[0] == group_topic and c.sender == sender
+            ]
+        )
+
+    def _retire_all_read_chains(self) -> None:
+        """`_retire_read_chains` for every sender and group at once (one pass over the chains)."""
+        by_sender: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        for key, chain in self._inbound.items():
+            by_sender.setdefault((key[0], chain.sender), []).append(key)
+        for keys in by_sender.values():
+            self._retire(keys)
+
+    def _retire(self, theirs: list[tuple[str, int]]) -> None:
+        """Forget the oldest of one sender's chains in one group (`theirs`, oldest first)."""
         for key in theirs[:-MAX_READ_CHAINS]:
             del self._inbound[key]
             self._requested.pop(key, None)
@@ -1087,8 +1102,7 @@ class DeviceSession:
             session._revoked = set(revoked)
             session._all_changed = changed
             # A state saved before chains were retired may hold more than a reader keeps.
-            for group, sender in {(k[0], c.sender) for k, c in session._inbound.items()}:
-                session._retire_read_chains(group, sender)
+            session._retire_all_read_chains()
         except (ValueError, TypeError, EnvelopeError) as exc:
             msg = f"the saved session state is corrupt: {exc}"
             raise E2EEError(msg) from exc

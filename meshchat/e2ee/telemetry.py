@@ -497,7 +497,7 @@ def open_reader_cert(data: bytes, trust: OrgTrust) -> ReaderCert:
         raise E2EEError(f"the reader certificate is for org {cert.org!r}, not {trust.org!r}")
     if cert.signer != READER_SIGNER:
         raise E2EEError(f"reader keys are certified by {READER_SIGNER!r}, not {cert.signer!r}")
-    certified = next((c for c in trust.signers if c.name == cert.signer), None)
+    certified = trust.signer(cert.signer)
     if certified is None:
         raise E2EEError(f"the trust bundle names no {cert.signer!r} signer")
     if not verify(certified.public, _READER_DOMAIN, cert.message(), cert.sig):

@@ -112,6 +112,10 @@ class OrgTrust:
             msg = "the compliance key was not certified by this org root"
             raise TrustError(msg)
 
+    def signer(self, name: str) -> SignerCert | None:
+        """The certificate of the signer called `name`, if this bundle has one."""
+        return next((cert for cert in self.signers if cert.name == name), None)
+
     @property
     def directory(self) -> SignerCert:
         """The directory's certificate."""
