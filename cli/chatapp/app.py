@@ -16,7 +16,7 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Input, ListView
 
 from cli.chatapp.commands import Command, CommandError, parse
-from cli.chatapp.model import Entry, waiting_acks
+from cli.chatapp.model import Entry
 from cli.chatapp.view import ChatView
 from cli.chatapp.widgets import GroupItem, HelpScreen, MessageItem, SearchScreen
 from meshchat.client import StoredMessage, TransportState
@@ -161,7 +161,7 @@ class ChatApp(ChatView):
                 raise CommandError(f"#{ref} is not an urgent notice: there is nothing to ack")
             return group, target
         group = self._group()
-        waiting = waiting_acks(self.client.store, self._topic(group), self.me)
+        waiting = self.client.store.awaiting_ack(self._topic(group), self.me)
         if not waiting:
             raise CommandError(f"no urgent notice in {group} waits for your acknowledgement")
         return group, waiting[-1]

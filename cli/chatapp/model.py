@@ -33,7 +33,6 @@ __all__ = [
     "older",
     "order_line",
     "render_entry",
-    "waiting_acks",
     "who_line",
 ]
 
@@ -219,11 +218,6 @@ def older(
         # One second may hold more than a page: step past it rather than loop on it.
         until = batch[0].ts + 1 if new else batch[0].ts
     return found[-want:], True
-
-
-def waiting_acks(store: ClientStore, topic: str, user: str) -> list[tuple[int, int]]:
-    """Urgent notices in a group that `user` has not acknowledged yet, oldest first."""
-    return store.awaiting_ack(topic, user)
 
 
 def order_line(order: LedgerOrder) -> str:

@@ -31,7 +31,6 @@ from cli.chatapp.model import (
     entry_of,
     older,
     order_line,
-    waiting_acks,
     who_line,
 )
 from cli.chatapp.widgets import (
@@ -203,7 +202,7 @@ class ChatView(App[None]):
             if listed.item(group) is None:
                 item = GroupItem(group)
                 topic = self._topic(group)
-                self._waiting[group] = set(waiting_acks(self.client.store, topic, self.me))
+                self._waiting[group] = set(self.client.store.awaiting_ack(topic, self.me))
                 item.urgent = len(self._waiting[group])
                 item.show()
                 await listed.insert(position, [item])

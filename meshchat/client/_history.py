@@ -74,10 +74,16 @@ class History:
             case _:
                 raise MeshchatError("the archiver's history reply is malformed")
         unseen = 0
+        ids = [
+            (item[-4], item[-3])
+            for item in items
+            if isinstance(item, list) and len(item) >= 4 and type(item[-4]) is type(item[-3]) is int
+        ]
+        stored = self._store.messages_by_id(topic, ids) if ids else {}
         for item in reversed(items) if newest_first else items:
             match item:
                 case [*_, int(chain_id), int(index), _, bytes(payload)]:
-                    if self._store.has_message(topic, (chain_id, index)):
+                    if (chain_id, index) in stored:
                         continue  # read before: its chain may even be forgotten by now
                     unseen += 1
                     self._receiver.apply(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final
 
 from meshchat.client._saved import save_groups, saved_groups
 from meshchat.client._shared import SERVICE_TIMEOUT, Shared
@@ -15,9 +14,6 @@ from meshchat.rpc import Request
 from meshchat.topics import GroupTopic, parse_topic
 
 __all__: list[str] = []  # internal: `meshchat.client.core` is the public face
-
-MEMBERSHIP_TIMEOUT: Final = 10.0
-"""Seconds to wait for the directory to answer a join or a leave."""
 
 
 def group_topic(org: str, groups: Iterable[str], user: str, group: str) -> str:
@@ -111,11 +107,11 @@ class Membership:
             MeshchatError: the directory refused, did not answer in time, or answered nonsense.
         """
         try:
-            async with asyncio.timeout(MEMBERSHIP_TIMEOUT):
+            async with asyncio.timeout(SERVICE_TIMEOUT):
                 value = await self._request("dir", Request(op, (group,)))
         except TimeoutError as exc:
             raise MeshchatError(
-                f"the directory did not answer within {MEMBERSHIP_TIMEOUT:g} s; try again"
+                f"the directory did not answer within {SERVICE_TIMEOUT:g} s; try again"
             ) from exc
         if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
             raise MeshchatError("the directory's reply is malformed")

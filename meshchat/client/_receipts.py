@@ -27,12 +27,12 @@ class Receipts:
         self._clock, self._outbox_changed = shared.clock, shared.outbox_changed
         self._enabled = enabled
         self._interval = interval
-        self._batches: dict[str, list[tuple[int, int]]] | None = {}
+        self._batches: dict[str, list[tuple[int, int]]] = {}
         self._due = asyncio.Event()
 
     def note_delivered(self, topic: str, message_id: tuple[int, int]) -> None:
         """Put a message read here in its group's next batch."""
-        if not self._enabled() or self._batches is None:
+        if not self._enabled():
             return
         batch = self._batches.setdefault(topic, [])
         if len(batch) < MAX_RECEIPT_REFS:
@@ -45,7 +45,7 @@ class Receipts:
             await self._due.wait()
             await asyncio.sleep(self._interval())  # batch what arrives meanwhile
             self._due.clear()
-            batches, self._batches = self._batches or {}, {}
+            batches, self._batches = self._batches, {}
             for topic, refs in batches.items():
                 if refs and self._session.may_send(topic, now=self._clock()) is None:
                     inner = Inner(Kind.RECEIPT, int(self._clock()), (DELIVERED, tuple(refs)))

@@ -9,7 +9,7 @@ import logging
 from meshchat.client._membership import group_path
 from meshchat.client._receiving import Receiver
 from meshchat.client._saved import saving
-from meshchat.client._shared import Shared
+from meshchat.client._shared import Shared, log_failure
 from meshchat.client.events import LinkChanged
 from meshchat.e2ee import DeviceSession
 from meshchat.e2ee.plaintext import decode_inner
@@ -93,7 +93,7 @@ class Sender:
                 task = asyncio.create_task(
                     self._deliver(item.id, pairs), name=f"meshchat[client].deliver.{item.id}"
                 )
-                task.add_done_callback(_log_failure)
+                task.add_done_callback(log_failure)
                 self._inflight[item.id] = task
 
     async def _await_records(self, group_topic: str) -> None:
@@ -138,11 +138,6 @@ class Sender:
         self._store.sent(item_id)
         self._sent.set()
         self._emit(LinkChanged(self._transport.state, self._store.queued))
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("client task %s failed", task.get_name(), exc_info=task.exception())
 
 
 def _message_id(payload: bytes) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -11,6 +12,8 @@ from meshchat.client.events import ClientEvent
 from meshchat.client.store import ClientStore
 from meshchat.client.transport import Transport
 from meshchat.e2ee import DeviceSession
+
+logger = logging.getLogger(__name__)
 
 __all__: list[str] = []  # internal: `meshchat.client.core` is the public face
 
@@ -38,3 +41,9 @@ class Shared:
     """Wakes the send loop: something to seal or publish."""
     records_changed: asyncio.Event
     """Set when a key record arrives (sealing and work orders wait for members' records)."""
+
+
+def log_failure(task: asyncio.Task[None]) -> None:
+    """A done-callback for background tasks: log what ended one with an error."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("client task %s failed", task.get_name(), exc_info=task.exception())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 
 from meshchat.client._shared import Shared
@@ -36,10 +37,15 @@ class Watching:
 
     async def watch_presence(self, users: Iterable[str]) -> None:
         """Follow the presence of these people's devices (see `Client.watch_presence`)."""
-        for device in self._session.keys.devices_of(users):
-            if device.name not in self._presence_watched:
-                await self._transport.subscribe(PresenceTopic(self._org, device.name).topic)
-                self._presence_watched.add(device.name)
+        new = [
+            d.name
+            for d in self._session.keys.devices_of(users)
+            if d.name not in self._presence_watched
+        ]
+        await asyncio.gather(
+            *(self._transport.subscribe(PresenceTopic(self._org, name).topic) for name in new)
+        )
+        self._presence_watched.update(new)
 
     def presence_of(self, user: str) -> Seen:
         """What this client knows of a person's presence."""

@@ -38,7 +38,7 @@ from meshchat.client._saved import saved_groups as saved_groups  # noqa: PLC0414
 from meshchat.client._sending import Sender
 from meshchat.client._sending import check_may_send as check_may_send  # noqa: PLC0414 -- re-export
 from meshchat.client._services import Services
-from meshchat.client._shared import SERVICE_TIMEOUT, Shared
+from meshchat.client._shared import SERVICE_TIMEOUT, Shared, log_failure
 from meshchat.client._watching import Watching
 from meshchat.client.dispatch import DISPATCH_FILE, DispatchLedger, LedgerOrder
 from meshchat.client.events import (
@@ -296,7 +296,7 @@ class Client:
 
     def _start(self, work: Coroutine[object, object, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=f"meshchat[client].{name}")
-        task.add_done_callback(_log_failure)
+        task.add_done_callback(log_failure)
         self._background.append(task)
         return task
 
@@ -644,8 +644,3 @@ class Client:
     async def flush(self) -> None:
         """Wait until the broker acknowledged everything queued (bound it with a timeout)."""
         await self._sender.flush()
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("client task %s failed", task.get_name(), exc_info=task.exception())

@@ -19,7 +19,7 @@ from typing import Final
 import nacl.exceptions
 import nacl.public
 
-from meshchat.client.core import GROUPS_KEY
+from meshchat.client._saved import save_groups
 from meshchat.client.profile import DeviceProfile
 from meshchat.client.store import ClientStore
 from meshchat.client.transport import Transport
@@ -108,7 +108,7 @@ async def login(
         token=token,
     )
     with ClientStore(profile.store_path) as store:
-        store.put(GROUPS_KEY, "\n".join(sorted(groups)).encode("utf-8"))
+        save_groups(store, groups)
     # Open the device's persistent session now, so its inbox keeps what is sent from here on.
     async with asyncio.timeout(timeout):
         async with Transport(

@@ -21,13 +21,12 @@ from typing import Final
 import msgpack
 
 from meshchat.client.store import ClientStore
+from meshchat.device.core import OFFLINE, ONLINE
 
 __all__ = ["MAX_TRACKED", "OFFLINE", "ONLINE", "PresenceTracker", "Seen"]
 
 logger = logging.getLogger(__name__)
 
-ONLINE: Final = b"online"
-OFFLINE: Final = b"offline"
 MAX_TRACKED: Final = 50_000
 """Devices tracked at most (each one's state is a few bytes)."""
 SEEN_KEY: Final = "presence.last-seen"
