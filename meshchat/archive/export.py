@@ -54,7 +54,6 @@ __all__ = [
     "ExportPlan",
     "ExportSummary",
     "export_group",
-    "export_size",
     "plan_export",
     "read_export",
     "verify_archive",
@@ -213,13 +212,6 @@ def plan_export(
         group_envelopes=store.count(group_path=group, since=since, until=until),
         copies=copies,
     )
-
-
-def export_size(
-    store: ArchiveStore, group: str, *, since: float | None, until: float | None
-) -> int:
-    """How many lines of envelopes an export of `group` would hold (for a progress bar)."""
-    return plan_export(store, group, since=since, until=until).total
 
 
 def export_group(

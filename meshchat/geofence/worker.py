@@ -361,9 +361,8 @@ class GeofenceWorker:
     def _decode_hook(self, parsed: TelemetryTopic, payload: bytes) -> None:
         """A fix for the `TelemetryDecoder` the worker was given instead."""
         assert self._telemetry is not None
-        owner = self.view.device_owner.get(parsed.device)
-        if owner is None:
-            self._refuse("unknown-device")
+        if parsed.device not in self.view.device_owner:
+            self._refuse("unknown-device")  # before decoding: a stranger's fix costs nothing
             return
         try:
             fix = self._telemetry(parsed, payload)
@@ -372,7 +371,7 @@ class GeofenceWorker:
             self._refuse("bad-telemetry")
             return
         if fix is not None:
-            self.submit(f"device:{parsed.device}", owner, fix)
+            self._device_fix(parsed.device, fix)
 
     def _take(self, intake: Intake) -> None:
         """Count what the telemetry reader made of one message; submit its fixes."""

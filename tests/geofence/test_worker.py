@@ -456,7 +456,7 @@ async def test_site_remove_empties_the_channel_and_the_worker_stops_evaluating_i
 ) -> None:
     now = time.time()
     async with site.login("carol", "carol.owntracks") as owntracks:
-        for ts in (now - 100, now - 60):
+        for ts in (now - 500, now - 460):
             await owntracks.publish(OWNTRACKS, location(0, ts))
         async with asyncio.timeout(15):
             await site.worker.wait_flushed(1)
@@ -472,13 +472,14 @@ async def test_site_remove_empties_the_channel_and_the_worker_stops_evaluating_i
         }
         async with asyncio.timeout(15):
             await site.worker.wait_for(lambda _: "plant-3" not in site.worker.tracker.sites)
-        # Fixes inside the old fence change nothing any more.
-        joins = site.worker.stats.joins
-        for ts in (now - 50, now - 10):
-            await owntracks.publish(OWNTRACKS, location(0, ts))
+        # Walking out of the old fence for longer than its exit dwell and back in changes
+        # nothing any more: a worker still evaluating plant-3 would count a leave and a join.
+        joins, leaves = site.worker.stats.joins, site.worker.stats.leaves
+        for metres, ts in ((5_000, now - 400), (5_000, now - 200), (0, now - 100), (0, now - 60)):
+            await owntracks.publish(OWNTRACKS, location(metres, ts))
         async with asyncio.timeout(15):
-            await site.worker.wait_for(lambda stats: stats.fixes >= 4)
-        assert site.worker.stats.joins == joins
+            await site.worker.wait_for(lambda stats: stats.fixes >= 6)
+        assert (site.worker.stats.joins, site.worker.stats.leaves) == (joins, leaves)
     with Directory.in_data_dir(org.data) as directory:
         assert directory.group("sites/plant-3").members == frozenset()
         assert [s.name for s in directory.sites()] == []
