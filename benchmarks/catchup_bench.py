@@ -33,7 +33,6 @@ import platform
 import secrets
 import string
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from brokers import temporary_workdir
 from rich.console import Console
 from rich.table import Table
 from throttle import GAP_S, READ_BUFFER, SEGMENT, Direction, ThrottledProxy
@@ -516,10 +516,15 @@ def _machine() -> dict[str, object]:
 
 
 def document(
-    *, params: Params, quick: bool, started: datetime, seconds: float, outcome: Outcome
+    *,
+    params: Params,
+    quick: bool,
+    started: datetime,
+    seconds: float,
+    outcome: Outcome,
+    check: Check,
 ) -> dict[str, Any]:
     """Everything measured, the ratios and the budget, as written to the JSON file."""
-    check = Check(_ratio(outcome.elapsed_s, outcome.link_limit_s), judged=not quick)
     return {
         "benchmark": "catchup",
         "timestamp": started.isoformat(timespec="seconds"),
@@ -580,16 +585,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress(what: str) -> None:
         console.print(f"[dim]{time.monotonic() - clock:6.1f}s[/dim] {what}", highlight=False)
 
-    with tempfile.TemporaryDirectory(prefix="catchup-bench-") as workdir:
+    with temporary_workdir() as workdir:
         try:
             outcome = asyncio.run(run_catchup(params, Path(workdir), progress))
         except Exception as exc:  # noqa: BLE001  # the benchmark reports a failure, never raises
             outcome = Outcome(params.messages, notes=[f"the run failed: {exc!r}"])
     seconds = time.monotonic() - clock
+    check = Check(_ratio(outcome.elapsed_s, outcome.link_limit_s), judged=not args.quick)
     doc = document(
-        params=params, quick=args.quick, started=started, seconds=seconds, outcome=outcome
+        params=params,
+        quick=args.quick,
+        started=started,
+        seconds=seconds,
+        outcome=outcome,
+        check=check,
     )
-    check = Check(doc["budgets"]["catchup_time_over_link_limit"]["value"], judged=not args.quick)
     console.print()
     console.print(summary_table(outcome, check))
     console.print(wire_table(outcome))

@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
@@ -48,7 +47,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
+from brokers import temporary_workdir
 from clientkeys import E2EEOrg
+from e2ee_bench import Series
 from rich.console import Console
 from rich.table import Table
 
@@ -122,18 +123,6 @@ QUICK: Final = Params(chain_counts=(10, 100, 300), seen=50, reps=7, restore_reps
 
 class BuildError(RuntimeError):
     """The reader did not end up with the state the benchmark meant to build."""
-
-
-@dataclass(slots=True)
-class Series:
-    """Repeated measurements of one number; the table shows the median."""
-
-    runs: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        """The median run."""
-        return statistics.median(self.runs)
 
 
 class CountingSession(DeviceSession):
@@ -599,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     traffic = Traffic(params, int(time.time()))
     saves: list[SaveRow] = []
     with (
-        tempfile.TemporaryDirectory(prefix="meshchat-session-bench-") as tmp,
+        temporary_workdir() as tmp,
         ClientStore(Path(tmp) / PARTS / "client.db") as parts,
         ClientStore(Path(tmp) / WHOLE / "client.db") as whole,
     ):
