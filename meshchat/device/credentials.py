@@ -127,7 +127,7 @@ class DeviceCredentials:
             ConfigError: the file exists or cannot be written.
         """
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp: Path | None = None  # written by write_temporary, linked, then always removed
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = write_temporary(path, self.to_json().encode("utf-8"))
@@ -141,7 +141,8 @@ class DeviceCredentials:
         except OSError as exc:
             raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "device credentials") -> Self:
